@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Train EncDecCTCLLMModelBPE: NeMo's speech_to_text recipe with intermediate CTC heads and LLM regularizers.
+
+    python scripts/train.py --config-name=conformer_ctc_llm \
+        model.train_ds.manifest_filepath=train.json model.validation_ds.manifest_filepath=dev.json \
+        model.tokenizer.dir=<tokenizer folder>
+
+Hydra overrides work as in NeMo (``trainer.max_steps=1000``, ``model.objectives.interctc.blocks=[6,12]``).
+``init_from_nemo_model=<plain CTC .nemo>`` initialises matching weights (e.g. the encoder) from a NeMo model.
+Training manifests are checked before the first step; a bad line stops the run with file:line and reason.
+"""
+import lightning.pytorch as pl
+from nemo.core.config import hydra_runner
+from nemo.utils import logging
+from nemo.utils.exp_manager import exp_manager
+from nemo.utils.trainer_utils import resolve_trainer_cfg
+from omegaconf import OmegaConf
+
+from nemo_ctcllm.models import EncDecCTCLLMModelBPE
+from nemo_ctcllm.training import check_training_manifests
+
+
+@hydra_runner(config_path="../conf", config_name="conformer_ctc_llm")
+def main(cfg):
+    logging.info(f"Hydra config:\n{OmegaConf.to_yaml(cfg)}")
+    pl.seed_everything(cfg.get("seed", 0), workers=True)
+    trainer = pl.Trainer(**resolve_trainer_cfg(cfg.trainer))
+    log_dir = exp_manager(trainer, cfg.get("exp_manager", None))
+    model = EncDecCTCLLMModelBPE(cfg=cfg.model, trainer=trainer)
+    check_training_manifests(model, cfg.model)
+    model.maybe_init_from_pretrained_checkpoint(cfg)
+    trainer.fit(model)
+    if cfg.model.get("test_ds") is not None and cfg.model.test_ds.get("manifest_filepath"):
+        if model.prepare_test(trainer):
+            trainer.test(model)
+    logging.info(f"Run finished; logs and .nemo under {log_dir}")
+
+
+if __name__ == "__main__":
+    main()  # noqa pylint: disable=no-value-for-parameter

@@ -1,0 +1,66 @@
+"""Shared fixtures: real demo speech (espeak-ng/flite), a BPE tokenizer, tiny model configs.
+
+NeMo is imported once per session (about 10 s). Everything runs offline (HF_HUB_OFFLINE=1).
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+import nemo_ctcllm  # noqa: E402,F401  (registers the package with NeMo)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """A small real speech corpus: {split: manifest path} (synthesised once per session)."""
+    from nemo_ctcllm.data.demo import make_demo_corpus
+
+    out = tmp_path_factory.mktemp("demo_data")
+    return make_demo_corpus(str(out), num_train=24, num_dev=8, num_test=8, num_test_unseen_engine=4, seed=0, workers=2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """SentencePiece BPE (64 pieces) trained on the shipped sentence list."""
+    from nemo_ctcllm.data.tokenizer import build_bpe_tokenizer_from_texts
+
+    sentences = (REPO / "nemo_ctcllm" / "data" / "sentences.txt").read_text().splitlines()
+    sentences = [s for s in sentences if s and not s.startswith("#")]
+    return build_bpe_tokenizer_from_texts(sentences, str(tmp_path_factory.mktemp("tok")), vocab_size=64)
+
+
+def tiny_model_cfg(tokenizer_dir, train_manifest=None, val_manifest=None, **objectives):
+    """The real recipe (conf/conformer_ctc_llm.yaml) shrunk: d_model 32, 4 blocks, classic batches."""
+    cfg = OmegaConf.load(CONF / "conformer_ctc_llm.yaml")
+    m = cfg.model
+    m.tokenizer.dir = tokenizer_dir
+    m.train_ds = {
+        "manifest_filepath": train_manifest, "sample_rate": 16000, "batch_size": 4, "shuffle": True,
+        "num_workers": 0, "pin_memory": False, "use_lhotse": False,
+    }
+    m.validation_ds.manifest_filepath = val_manifest
+    m.validation_ds.batch_size = 4
+    m.validation_ds.num_workers = 0
+    m.validation_ds.pin_memory = False
+    m.test_ds.manifest_filepath = None
+    m.encoder.update({"n_layers": 4, "d_model": 32, "n_heads": 2, "ff_expansion_factor": 2, "conv_kernel_size": 9,
+                      "dropout": 0.0, "dropout_pre_encoder": 0.0, "dropout_att": 0.0})
+    m.preprocessor.features = 40
+    m.preprocessor.dither = 0.0
+    m.spec_augment = None
+    m.optim = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}
+    m.objectives = {"ctc_final": {"weight": 1.0}, **objectives}
+    m.log_prediction = False
+    OmegaConf.resolve(cfg)
+    return cfg.model
