@@ -54,6 +54,7 @@ def tiny_model_cfg(tokenizer_dir, train_manifest=None, val_manifest=None, **obje
     m.validation_ds.num_workers = 0
     m.validation_ds.pin_memory = False
     m.test_ds.manifest_filepath = None
+    m.test_ds.num_workers = 0
     m.encoder.update({"n_layers": 4, "d_model": 32, "n_heads": 2, "ff_expansion_factor": 2, "conv_kernel_size": 9,
                       "dropout": 0.0, "dropout_pre_encoder": 0.0, "dropout_att": 0.0})
     m.preprocessor.features = 40

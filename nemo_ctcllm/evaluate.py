@@ -1,0 +1,62 @@
+"""WER/CER of a .nemo (or an in-memory model) on a NeMo manifest, with a per-utterance output file."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Dict, List, Optional
+
+from nemo_ctcllm.data.manifest import read_manifest, resolve_audio_path
+
+_KEEP = re.compile(r"[^a-z' ]+")
+
+
+def normalize_text(text: str) -> str:
+    """The one normalisation applied to references and every system's output: lowercase, letters and
+    apostrophes only, single spaces."""
+    return " ".join(_KEEP.sub(" ", text.lower()).split())
+
+
+def _as_text(hyp) -> str:
+    return hyp if isinstance(hyp, str) else hyp.text
+
+
+def transcribe_manifest(model, manifest: str, batch_size: int = 16) -> List[dict]:
+    entries = read_manifest(manifest)
+    paths = [resolve_audio_path(e["audio_filepath"], manifest) for e in entries]
+    hyps = model.transcribe(paths, batch_size=batch_size, verbose=False)
+    if isinstance(hyps, tuple):  # some NeMo versions return (best, all)
+        hyps = hyps[0]
+    return [
+        {"audio_filepath": p, "text": e.get("text", ""), "pred_text": _as_text(h), "duration": e.get("duration")}
+        for p, e, h in zip(paths, entries, hyps)
+    ]
+
+
+def score(rows: List[dict]) -> Dict[str, float]:
+    """Corpus WER and CER (edit distance summed over utterances / reference length)."""
+    from nemo.collections.asr.metrics.wer import word_error_rate
+
+    refs = [normalize_text(r["text"]) for r in rows]
+    hyps = [normalize_text(r["pred_text"]) for r in rows]
+    return {
+        "wer": word_error_rate(hyps, refs, use_cer=False),
+        "cer": word_error_rate(hyps, refs, use_cer=True),
+        "utterances": len(rows),
+        "words": sum(len(r.split()) for r in refs),
+    }
+
+
+def evaluate(model, manifest: str, out_path: Optional[str] = None, batch_size: int = 16) -> Dict[str, float]:
+    """Transcribe ``manifest`` with ``model`` (an ASRModel or a .nemo path); write per-utterance JSON lines."""
+    if isinstance(model, str):
+        import nemo_ctcllm  # noqa: F401
+        from nemo.collections.asr.models import ASRModel
+
+        model = ASRModel.restore_from(model, map_location="cpu")
+    model.eval()
+    rows = transcribe_manifest(model, manifest, batch_size=batch_size)
+    if out_path:
+        with open(out_path, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return score(rows)
