@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Training-step cost of objectives, as ratios to NeMo's plain EncDecCTCModelBPE, measured side by side.
+
+Every variant gets the same weights where they overlap, the same real audio batch (from a manifest) and the
+same optimizer; steps (forward + backward + AdamW step) are interleaved round-robin so that machine noise
+hits all variants alike. Prints a table of median step time and its ratio to plain CTC.
+
+    python scripts/bench_step.py --manifest demo_data/train_manifest.json \
+        --tokenizer artifacts/tokenizers/tokenizer_spe_bpe_v128 --steps 20
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VARIANTS = {
+    "plain": None,  # NeMo's EncDecCTCModelBPE
+    "ours_ctc_only": {"ctc_final": {"weight": 1.0}},
+    "interctc": {"ctc_final": {"weight": 0.7}, "interctc": {"blocks": [3], "weights": [0.3]}},
+    "interctc_selfcond": {
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3], "self_conditioning": True},
+    },
+}
+
+
+def load_batch(manifest, n, seed=0):
+    import soundfile as sf
+
+    from nemo_ctcllm.data.manifest import read_manifest, resolve_audio_path
+
+    entries = read_manifest(manifest)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(entries), generator=g)[:n].tolist()
+    audio = [torch.tensor(sf.read(resolve_audio_path(entries[i]["audio_filepath"], manifest), dtype="float32")[0]) for i in idx]
+    lens = torch.tensor([len(a) for a in audio])
+    signal = torch.zeros(n, int(lens.max()))
+    for i, a in enumerate(audio):
+        signal[i, : len(a)] = a
+    return signal, lens, [entries[i]["text"] for i in idx]
+
+
+def build(cfg, objectives):
+    from nemo.collections.asr.models import EncDecCTCModelBPE
+
+    from nemo_ctcllm.models import EncDecCTCLLMModelBPE
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(cfg):
+        for key in ("train_ds", "validation_ds", "test_ds"):
+            cfg.pop(key)  # batches come from load_batch
+        if objectives is None:
+            cfg.pop("objectives")
+        else:
+            cfg.objectives = objectives
+    torch.manual_seed(0)
+    model = EncDecCTCModelBPE(cfg) if objectives is None else EncDecCTCLLMModelBPE(cfg)
+    model.train()
+    return model
+
+
+def step_fn(model, batch, plain):
+    signal, lens, targets, target_len = batch
+    if plain:
+        log_probs, enc_len, _ = model.forward(input_signal=signal, input_signal_length=lens)
+        return model.loss(log_probs=log_probs, targets=targets, input_lengths=enc_len, target_lengths=target_len)
+    from nemo_ctcllm.objectives import compose_loss
+
+    ctx = model.step_context(batch, compute_wer=False)
+    return compose_loss(model.objectives, ctx, step=10**6, prefix="train")[0]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-name", default="conformer_ctc_llm_demo")
+    p.add_argument("--override", action="append", default=[], help="Hydra override (repeatable)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--json", default=None, help="write the results here too")
+    args = p.parse_args()
+
+    import nemo_ctcllm  # noqa: F401
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
+        cfg = compose(config_name=args.config_name, overrides=[f"model.tokenizer.dir={args.tokenizer}", *args.override])
+    names = args.variants.split(",")
+    models = {n: build(cfg.model, VARIANTS[n]) for n in names}
+    signal, lens, texts = load_batch(args.manifest, args.batch)
+    tok = models[names[0]].tokenizer
+    ids = [tok.text_to_ids(t) for t in texts]
+    targets = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+    for i, t in enumerate(ids):
+        targets[i, : len(t)] = torch.tensor(t)
+    batch = (signal, lens, targets, torch.tensor([len(t) for t in ids]))
+    opts = {n: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4) for n, m in models.items()}
+    times = {n: [] for n in names}
+    for it in range(args.warmup + args.steps):
+        for n in names:
+            t0 = time.perf_counter()
+            loss = step_fn(models[n], batch, plain=VARIANTS[n] is None)
+            loss.backward()
+            opts[n].step()
+            opts[n].zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            if it >= args.warmup:
+                times[n].append(dt)
+    base = statistics.median(times[names[0]])
+    audio_s = float(lens.sum()) / 16000
+    print(f"batch: {args.batch} utterances, {audio_s:.1f} s of audio; {args.steps} timed steps each, interleaved")
+    print(f"{'variant':<22} {'median s/step':>14} {'ratio':>7} {'params (M)':>11}")
+    results = {}
+    for n in names:
+        med = statistics.median(times[n])
+        params = sum(q.numel() for q in models[n].parameters() if q.requires_grad) / 1e6
+        results[n] = {"median_s": med, "ratio": med / base, "params_m": params}
+        print(f"{n:<22} {med:>14.3f} {med / base:>7.3f} {params:>11.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"batch": args.batch, "audio_s": audio_s, "steps": args.steps, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
