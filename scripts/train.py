@@ -17,6 +17,7 @@ from nemo.utils.trainer_utils import resolve_trainer_cfg
 from omegaconf import OmegaConf
 
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE
+from nemo_ctcllm.parallel import init_parallel
 from nemo_ctcllm.training import check_training_manifests
 
 
@@ -24,6 +25,7 @@ from nemo_ctcllm.training import check_training_manifests
 def main(cfg):
     logging.info(f"Hydra config:\n{OmegaConf.to_yaml(cfg)}")
     pl.seed_everything(cfg.get("seed", 0), workers=True)
+    init_parallel(cfg)  # torch.distributed + megatron TP groups, before the model (and Lightning DDP)
     trainer = pl.Trainer(**resolve_trainer_cfg(cfg.trainer))
     log_dir = exp_manager(trainer, cfg.get("exp_manager", None))
     model = EncDecCTCLLMModelBPE(cfg=cfg.model, trainer=trainer)

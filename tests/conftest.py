@@ -65,3 +65,46 @@ def tiny_model_cfg(tokenizer_dir, train_manifest=None, val_manifest=None, **obje
     m.log_prediction = False
     OmegaConf.resolve(cfg)
     return cfg.model
+
+
+LLM_CORPUS = ["the cat sat on the mat", "a dog ran far away from the cat", "hello world", "speech to text is fun"]
+
+
+def make_tiny_llama(folder, seed: int = 0, vocab_size: int = 128, **overrides):
+    """Random tiny LLaMA (hidden 64, 2 layers, 4 heads) + WordLevel tokenizer saved as a HF folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    cfg = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               vocab_size=vocab_size, max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-5,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    with torch.no_grad():  # non-trivial norm weights, so a wrong norm mapping cannot pass
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(LLM_CORPUS, trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llm_process_group():
+    """Building an LLM host creates a process group and megatron parallel_state; tear both down after the
+    module so that other test modules start clean."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    had_dist = dist.is_initialized()
+    yield
+    if not had_dist:
+        parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()

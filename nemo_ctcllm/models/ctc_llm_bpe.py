@@ -19,6 +19,9 @@ from omegaconf import DictConfig, open_dict
 from nemo_ctcllm.objectives.base import ConfigError, StepContext, build_objectives, compose_loss
 
 
+LLM_DEFAULTS = {"checkpoint": None, "tensor_model_parallel_size": 1, "cache_dir": None}
+
+
 class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
     """CTC-BPE model with intermediate CTC heads and pluggable (LLM-based) regularizers.
 
@@ -33,6 +36,14 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
                 "model.interctc (NeMo's InterCTC) is not used by EncDecCTCLLMModelBPE: "
                 "configure intermediate heads under model.objectives.interctc (blocks, weights)"
             )
+        llm = cfg.get("llm")
+        if llm is not None:
+            unknown = sorted(set(llm.keys()) - set(LLM_DEFAULTS))
+            if unknown:
+                raise ConfigError(f"model.llm: unknown key(s) {unknown}; allowed keys: {sorted(LLM_DEFAULTS)}")
+            tp = llm.get("tensor_model_parallel_size", 1)
+            if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+                raise ConfigError(f"model.llm.tensor_model_parallel_size must be an integer >= 1, got {tp!r}")
         super().__init__(cfg=cfg, trainer=trainer)
         self.objectives = build_objectives(self.cfg.get("objectives"), self)
         self._capture = sorted({b for t in self.objectives.values() for b in t.capture_blocks})
@@ -42,6 +53,30 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
                 {"interctc": {"capture_layers": [b - 1 for b in self._capture]}}, guid=self.model_guid
             )
             self.propagate_model_guid()
+
+    # ------------------------------------------------------------------ the frozen LLM
+    @property
+    def llm(self):
+        """The frozen LLM (``nemo_ctcllm.llm.LLMHost``), built from ``model.llm`` on first use.
+
+        It is kept out of the module tree on purpose: no LLM tensor ever reaches ``state_dict()``, the
+        ``.nemo``, a Lightning checkpoint, ``parameters()`` or the optimizer, and a restored model needs no
+        LLM until an objective asks for it.
+        """
+        host = self.__dict__.get("_llm_host")
+        if host is None:
+            from nemo_ctcllm.llm import LLMHost
+
+            cfg = self.cfg.get("llm")
+            if cfg is None or not cfg.get("checkpoint"):
+                raise ConfigError(
+                    "model.llm.checkpoint is not set: an objective needs the LLM; point it to a local Hugging Face "
+                    "LLaMA folder (scripts/prepare_llm.py prepares the demo's SmolLM2)"
+                )
+            cfg = {**LLM_DEFAULTS, **cfg}
+            host = LLMHost(cfg["checkpoint"], tp_size=cfg["tensor_model_parallel_size"], cache_dir=cfg["cache_dir"])
+            self.__dict__["_llm_host"] = host  # plain attribute, not a submodule (see docstring)
+        return host
 
     # ------------------------------------------------------------------ forward pieces
     def encode(self, signal: torch.Tensor, signal_len: torch.Tensor):
