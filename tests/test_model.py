@@ -183,3 +183,13 @@ def test_init_encoder_from_plain_nemo(tokenizer_dir, tmp_path):
     model.maybe_init_from_pretrained_checkpoint(OmegaConf.create({"init_from_nemo_model": str(tmp_path / "plain.nemo")}))
     for name, p in plain.encoder.state_dict().items():
         torch.testing.assert_close(model.encoder.state_dict()[name], p, msg=name)
+
+
+def test_optimizer_gets_only_trainable_parameters(tokenizer_dir):
+    model = make(tokenizer_dir, interctc=MODES["separate"])
+    frozen = model.encoder.layers[0]
+    frozen.requires_grad_(False)
+    model.setup_optimization(OmegaConf.create({"name": "adamw", "lr": 1e-3}))
+    in_opt = {id(p) for g in model._optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_opt for p in frozen.parameters())
+    assert all(id(p) in in_opt for p in model.parameters() if p.requires_grad)

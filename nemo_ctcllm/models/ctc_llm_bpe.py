@@ -185,6 +185,16 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             self.test_step_outputs.append(test_logs)
         return test_logs
 
+    def setup_optimizer_param_groups(self):
+        """NeMo's param groups, keeping only parameters that train (frozen targets, e.g. an EMA copy, stay out)."""
+        super().setup_optimizer_param_groups()
+        groups = []
+        for group in self._optimizer_param_groups or []:
+            params = [p for p in group["params"] if p.requires_grad]
+            if params:
+                groups.append({**group, "params": params})
+        self._optimizer_param_groups = groups
+
     # ------------------------------------------------------------------ export
     def inference_terms(self) -> List[str]:
         """Names of objective modules that the inference forward pass needs (self-conditioning)."""

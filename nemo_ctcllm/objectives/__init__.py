@@ -1,9 +1,10 @@
-"""Training objectives. Importing this package registers the built-in ones.
-
-Each module here defines one objective (an ``Objective`` subclass and a builder registered under the
-name of its YAML block ``model.objectives.<name>``).
+"""Training objectives: one module per objective, each registering itself under the name of its YAML block
+``model.objectives.<name>``. Every module in this package is imported here, so a new objective is one file
+(plus its documented YAML block in conf/conformer_ctc_llm.yaml).
 """
-from nemo_ctcllm.objectives import ctc  # noqa: F401  (registers ctc_final, interctc)
+import importlib
+import pkgutil
+
 from nemo_ctcllm.objectives.base import (  # noqa: F401
     ConfigError,
     Objective,
@@ -13,3 +14,7 @@ from nemo_ctcllm.objectives.base import (  # noqa: F401
     register_objective,
     registered_objectives,
 )
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
