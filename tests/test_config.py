@@ -4,7 +4,6 @@ import os
 import re
 
 import pytest
-import torch
 from conftest import CONF, tiny_model_cfg
 from hydra import compose, initialize_config_dir
 

@@ -1,5 +1,4 @@
 """EncDecCTCLLMModelBPE against NeMo's EncDecCTCModelBPE, intermediate heads, .nemo round trips, export."""
-import os
 import types
 
 import pytest

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import Trainer
 from nemo.collections.asr.models import EncDecCTCModelBPE
 from nemo.core.classes.mixins import AccessMixin
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from nemo_ctcllm.objectives.base import ConfigError, StepContext, build_objectives, compose_loss
 

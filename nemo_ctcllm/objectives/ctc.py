@@ -16,7 +16,7 @@ NeMo's ``apply_at_layers`` is the 0-based k-1).
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from nemo.collections.asr.modules import ConvASRDecoder
