@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -136,6 +136,31 @@ def check_weight(value, key: str, upper: float = 100.0) -> float:
     if not 0.0 <= value <= upper:
         raise ConfigError(f"{key} must be in [0, {upper}], got {value}")
     return float(value)
+
+
+def check_int(value, key: str, low: int, high: Optional[int] = None) -> int:
+    """An integer in [low, high] (no upper bound when high is None); bools are rejected."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+    return value
+
+
+def check_number(value, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
+    """A finite number in the interval [low, high] (ends open where asked)."""
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        raise ConfigError(f"{key} must be a finite number in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_choice(value, key: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
 def build_objectives(cfg: Optional[DictConfig], model: "EncDecCTCLLMModelBPE") -> torch.nn.ModuleDict:

@@ -131,6 +131,14 @@ def check_blocks(blocks, depth: int, key: str, allow_last: bool) -> List[int]:
     return list(blocks)
 
 
+def check_block_weights(weights, blocks: List[int], key: str) -> List[float]:
+    """One weight in [0, 1] per block."""
+    weights = list(weights)
+    if len(weights) != len(blocks):
+        raise ConfigError(f"{key} must have one weight per block: {len(blocks)} blocks, {len(weights)} weights")
+    return [check_weight(w, f"{key}[{i}]", upper=1.0) for i, w in enumerate(weights)]
+
+
 @register_objective(
     "interctc",
     defaults={"blocks": [], "weights": [], "shared_decoder": False, "self_conditioning": False},
@@ -139,11 +147,7 @@ def build_interctc(block: DictConfig, model, key: str) -> List[Objective]:
     """One term ``interctc_l{k}`` per block k, weighted ``weight * weights[i]``."""
     depth = encoder_depth(model, key)
     blocks = check_blocks(list(block.blocks), depth, f"{key}.blocks", allow_last=False)
-    weights = list(block.weights)
-    if len(weights) != len(blocks):
-        raise ConfigError(f"{key}.weights must have one weight per block: {len(blocks)} blocks, {len(weights)} weights")
-    for i, w in enumerate(weights):
-        check_weight(w, f"{key}.weights[{i}]", upper=1.0)
+    weights = check_block_weights(block.weights, blocks, f"{key}.weights")
     dec_cfg = model.cfg.decoder
     feat_in = model.decoder._feat_in  # width the final head reads (encoder d_model or its out_proj)
     num_classes = model.decoder.num_classes_with_blank - 1

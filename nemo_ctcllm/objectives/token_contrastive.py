@@ -1,0 +1,336 @@
+"""Token-level (frame-level) contrastive learning on the encoder output: SimCLR or BYOL (``token_contrastive``).
+
+Two views of one utterance that keep frame alignment:
+
+* view A is the model's own training forward, ``ctx.encoded`` [B, D, T] (SpecAugment'ed by the model when
+  it trains);
+* view B is a second pass: ``model.preprocessor`` on ``ctx.signal`` (plus Gaussian noise at ``noise_snr_db``
+  when set), then this block's own ``SpectrogramAugmentation`` (its own mask settings, so the views differ),
+  then the encoder.
+
+Time/frequency masks and additive noise move no frame, so frame t of view A and frame t of view B are a
+positive pair (valid frames t < encoded_len only).
+
+``mode: simclr`` (Chen et al. 2020, frame-level as in wav2vec-style InfoNCE). A projection head g (2-layer
+MLP, D -> D -> proj_dim) and L2 normalisation give z = g(h) / ||g(h)||. At most ``frames_per_utt`` valid
+frames are sampled per utterance (seeded by the training step), N frames in all; with a_i, b_i the two views'
+z of sampled frame i and tau = ``temperature``:
+
+    L_A->B = -1/N sum_i log( exp(a_i . b_i / tau) / sum_j exp(a_i . b_j / tau) )
+    L = (L_A->B + L_B->A) / 2
+
+so the negatives of a frame are the other sampled frames of the other view (other positions of the same
+utterance and every frame of the other utterances).
+
+``mode: byol`` (Grill et al. 2020). Online = model.encoder + projector g + predictor q; target = an EMA copy
+of encoder + projector (xi <- d * xi + (1 - d) * theta, d = ``ema_decay``, once per optimizer step at the
+start of the first training forward of that step; buffers such as BatchNorm statistics are copied). The
+target has ``requires_grad=False``, runs under ``no_grad``, never enters the optimizer and is dropped at
+export with the rest of the objective. With p = q(g(online(view))) / ||.|| and z' = g'(target(view)) / ||.||
+on every valid frame:
+
+    l(p, z') = 2 - 2 p . z'          (mean over valid frames)
+    L = ( l(p_A, z'_B) + l(p_B, z'_A') ) / 2
+
+A' is a fresh draw of view A's augmentation (the model's own SpecAugment on the un-noised features): the
+masks drawn inside ``model.encode`` are not exposed in the StepContext, so the target cannot see view A
+exactly; with ``model.spec_augment: null`` A' is A. Nothing in BYOL's loss forbids collapse by itself; here
+the CTC terms anchor the same encoder, which keeps it from collapsing (and l is then a consistency term).
+
+The target is a deep copy of ``model.encoder`` with every forward hook removed (the copy would otherwise
+run the online model's self-conditioning hooks, which close over the online heads), and every extra encoder
+pass (online view B and target) runs with the model's AccessMixin capture switched off, so no tensor is
+registered into the InterCTC capture registry and no self-conditioning stash is overwritten (the copy shares
+the model's ``model_guid`` because ``propagate_model_guid`` walks every submodule). With self-conditioning on,
+the target therefore is the encoder without the conditioning.
+
+Cost: one extra online encoder forward (and its backward) per training step for view B; BYOL adds two
+no-grad target forwards (views B and A'). In eval mode (validation) nothing is augmented, view B is
+``ctx.encoded`` itself (no extra forward) and BYOL runs one target forward.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from nemo.collections.asr.modules import SpectrogramAugmentation
+from nemo.core.classes.mixins import AccessMixin
+from omegaconf import DictConfig
+
+from nemo_ctcllm.objectives.base import (
+    Objective,
+    StepContext,
+    Stats,
+    check_choice,
+    check_int,
+    check_number,
+    register_objective,
+)
+from nemo_ctcllm.objectives.common import length_mask, masked_mean
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+@contextmanager
+def access_disabled(model) -> Iterator[None]:
+    """Run extra encoder passes with the model's AccessMixin capture off (restored afterwards): nothing is
+    registered into the InterCTC capture registry and self-conditioning hooks stash nothing."""
+    guid = getattr(model, "model_guid", None)
+    was_enabled = AccessMixin.is_access_enabled(guid)
+    AccessMixin.set_access_enabled(access_enabled=False, guid=guid)
+    try:
+        yield
+    finally:
+        AccessMixin.set_access_enabled(access_enabled=was_enabled, guid=guid)
+
+
+def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy with ``requires_grad=False``, no forward/backward hooks and empty AccessMixin registries.
+
+    ``copy.deepcopy`` copies hook dicts but not the functions in them, so hooks installed on the original
+    (e.g. self-conditioning, closing over the online model) would otherwise run on the copy too.
+    """
+    clone = copy.deepcopy(module)
+    for m in clone.modules():
+        for hooks in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                      "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                      "_backward_pre_hooks"):
+            if hasattr(m, hooks):
+                getattr(m, hooks).clear()
+        if isinstance(getattr(m, "_registry", None), dict):
+            m._registry = {}
+    clone.requires_grad_(False)
+    return clone
+
+
+def frame_index(
+    lengths: torch.Tensor, size: int, k: Optional[int], generator: Optional[torch.Generator] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Which frames to use: idx [B, K] (frame positions) and keep [B, K] (True where idx is a valid frame).
+
+    k None: every frame (K = size). Otherwise at most k distinct valid frames per utterance, uniformly at
+    random from ``generator`` (K = min(k, size); utterances shorter than k keep all their frames).
+    """
+    B = lengths.shape[0]
+    valid = length_mask(lengths, size)  # [B, T]
+    if k is None or k >= size:
+        return torch.arange(size, device=lengths.device).expand(B, size), valid
+    scores = torch.rand(B, size, generator=generator).to(lengths.device)  # [B, T] in [0, 1)
+    scores = scores.masked_fill(~valid, 2.0)  # invalid frames sort last
+    idx = scores.topk(k, dim=1, largest=False).indices  # [B, K]
+    return idx, torch.gather(valid, 1, idx)
+
+
+def gather_frames(x: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x [B, T, C], idx/keep [B, K] -> the kept frames [N, C] (utterance-major order)."""
+    picked = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, K, C]
+    return picked[keep]
+
+
+def mlp(d_in: int, d_hidden: int, d_out: int) -> torch.nn.Sequential:
+    """Linear -> LayerNorm -> ReLU -> Linear. LayerNorm (not BatchNorm) keeps frames independent of padding."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(d_in, d_hidden), torch.nn.LayerNorm(d_hidden), torch.nn.ReLU(), torch.nn.Linear(d_hidden, d_out)
+    )
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE of paired unit vectors a, b [N, P] (row i of a and b is a positive pair).
+
+    Returns (loss, top-1 accuracy of retrieving the positive, both directions averaged).
+    """
+    logits = a @ b.t() / temperature  # [N, N]
+    labels = torch.arange(a.shape[0], device=a.device)
+    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    acc = 0.5 * ((logits.argmax(1) == labels).float().mean() + (logits.argmax(0) == labels).float().mean())
+    return loss, acc.detach()
+
+
+def add_noise(signal: torch.Tensor, lengths: torch.Tensor, snr_db: float) -> torch.Tensor:
+    """signal [B, S] + white Gaussian noise at ``snr_db`` relative to each utterance's power (valid samples
+    only; the padding stays zero)."""
+    valid = length_mask(lengths, signal.shape[1])  # [B, S]
+    power = masked_mean(signal.pow(2), valid, dim=1)  # [B]
+    std = (power / 10.0 ** (snr_db / 10.0)).sqrt()  # [B]
+    return signal + torch.randn_like(signal) * std[:, None] * valid.to(signal.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- the objective
+class TokenContrastive(Objective):
+    """SimCLR or BYOL between frame-aligned views of each utterance (see the module docstring)."""
+
+    def __init__(self, name: str, weight: float, warmup_steps: int, width: int, block: DictConfig):
+        super().__init__(name, weight, warmup_steps)
+        self.mode = block.mode
+        self.temperature = float(block.temperature)
+        self.frames_per_utt = int(block.frames_per_utt)
+        self.ema_decay = float(block.ema_decay)
+        self.noise_snr_db = None if block.noise_snr_db is None else float(block.noise_snr_db)
+        self.projector = mlp(width, width, block.proj_dim)
+        self.augment = None
+        if block.freq_masks + block.time_masks > 0:
+            self.augment = SpectrogramAugmentation(
+                freq_masks=block.freq_masks, time_masks=block.time_masks,
+                freq_width=block.freq_width, time_width=block.time_width,
+            )
+        if self.mode == "byol":
+            self.predictor = mlp(block.proj_dim, width, block.proj_dim)
+            self.target_encoder: Optional[torch.nn.Module] = None  # set by attach_target (needs the model)
+            self.target_projector = frozen_copy(self.projector)
+            # False until the first training forward copies the online weights (after init_from_nemo_model etc.)
+            self.register_buffer("target_ready", torch.zeros((), dtype=torch.bool))
+            self._ema_step: Optional[int] = None
+
+    def attach_target(self, model) -> None:
+        """BYOL: the EMA target encoder, a hook-free frozen copy of ``model.encoder``."""
+        self.target_encoder = frozen_copy(model.encoder)
+
+    # ------------------------------------------------------------------ pieces (also used by the tests)
+    def project_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames [..., D] -> unit-norm projections z = g(h) / ||g(h)|| [..., P], frame by frame."""
+        return F.normalize(self.projector(frames), dim=-1)
+
+    def project(self, encoded: torch.Tensor) -> torch.Tensor:
+        """encoded [B, D, T] -> [B, T, P] (per frame, so padding cannot leak into a valid frame)."""
+        return self.project_frames(encoded.transpose(1, 2))
+
+    def features(self, ctx: StepContext, noisy: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessor features [B, F, T'] and lengths [B] of the batch's audio (+ noise when training)."""
+        signal = ctx.signal  # [B, S]
+        if noisy and self.training and self.noise_snr_db is not None:
+            signal = add_noise(signal, ctx.signal_len, self.noise_snr_db)
+        return ctx.model.preprocessor(input_signal=signal, length=ctx.signal_len)
+
+    def view_b_features(self, ctx: StepContext) -> Tuple[torch.Tensor, torch.Tensor]:
+        """View B's encoder input [B, F, T']: noise + this block's own SpecAugment (training only)."""
+        feats, feats_len = self.features(ctx, noisy=True)
+        if self.training and self.augment is not None:
+            feats = self.augment(input_spec=feats, length=feats_len)
+        return feats, feats_len
+
+    @staticmethod
+    def run_encoder(model, encoder: torch.nn.Module, feats: torch.Tensor, feats_len: torch.Tensor) -> torch.Tensor:
+        """An extra encoder pass with the model's capture off: feats [B, F, T'] -> encoded [B, D, T]."""
+        with access_disabled(model):
+            encoded, _ = encoder(audio_signal=feats, length=feats_len)
+        return encoded
+
+    def view_b(self, ctx: StepContext) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+        """View B through the online encoder, [B, D, T], and its encoder input (features [B, F, T'], lengths [B]).
+
+        In eval mode nothing is augmented, so view B is view A: (ctx.encoded, None), no extra forward.
+        """
+        if not self.training:
+            return ctx.encoded, None
+        feats, feats_len = self.view_b_features(ctx)
+        encoded = self.run_encoder(ctx.model, ctx.model.encoder, feats, feats_len)
+        if encoded.shape != ctx.encoded.shape:
+            raise RuntimeError(
+                f"view B {tuple(encoded.shape)} is not frame-aligned with view A {tuple(ctx.encoded.shape)}"
+            )
+        return encoded, (feats, feats_len)
+
+    # ------------------------------------------------------------------ BYOL target
+    @torch.no_grad()
+    def ema_update(self, model) -> None:
+        """xi <- d * xi + (1 - d) * theta for encoder + projector (d = 0 the first time); buffers copied."""
+        decay = self.ema_decay if bool(self.target_ready) else 0.0
+        for target, online in ((self.target_encoder, model.encoder), (self.target_projector, self.projector)):
+            for (nt, pt), (no, po) in zip(target.named_parameters(), online.named_parameters(), strict=True):
+                assert nt == no, (nt, no)
+                pt.lerp_(po.detach(), 1.0 - decay)
+            for bt, bo in zip(target.buffers(), online.buffers(), strict=True):
+                if bt.shape == bo.shape:  # derived buffers (positional tables) may be extended separately
+                    bt.copy_(bo)
+        self.target_ready.fill_(True)
+
+    @torch.no_grad()
+    def target_embed(self, model, feats: torch.Tensor, feats_len: torch.Tensor) -> torch.Tensor:
+        """Target branch: feats [B, F, T'] -> unit-norm z' [B, T, P], no gradient."""
+        encoded = self.run_encoder(model, self.target_encoder, feats, feats_len)  # [B, D, T]
+        return F.normalize(self.target_projector(encoded.transpose(1, 2)), dim=-1)
+
+    def online_predict(self, encoded: torch.Tensor) -> torch.Tensor:
+        """Online branch: encoded [B, D, T] -> unit-norm predictions p [B, T, P]."""
+        return F.normalize(self.predictor(self.projector(encoded.transpose(1, 2))), dim=-1)
+
+    # ------------------------------------------------------------------ losses
+    def simclr(self, ctx: StepContext, enc_b: torch.Tensor) -> Tuple[torch.Tensor, Stats]:
+        generator = torch.Generator().manual_seed(int(ctx.model.global_step))
+        idx, keep = frame_index(ctx.encoded_len, ctx.encoded.shape[2], self.frames_per_utt, generator)  # [B, K]
+        za = self.project_frames(gather_frames(ctx.encoded.transpose(1, 2), idx, keep))  # [N, P]
+        zb = self.project_frames(gather_frames(enc_b.transpose(1, 2), idx, keep))  # [N, P]
+        loss, acc = info_nce(za, zb, self.temperature)
+        return loss, {"acc": acc, "frames": torch.tensor(float(za.shape[0]))}
+
+    def byol(self, ctx: StepContext, enc_b: torch.Tensor, input_b) -> Tuple[torch.Tensor, Stats]:
+        model = ctx.model
+        if self.training and model.global_step != self._ema_step:  # once per optimizer step
+            self.ema_update(model)
+            self._ema_step = model.global_step
+        valid = length_mask(ctx.encoded_len, ctx.encoded.shape[2])  # [B, T]
+        p_a = self.online_predict(ctx.encoded)  # [B, T, P]
+        p_b = self.online_predict(enc_b)  # [B, T, P]
+        clean, clean_len = self.features(ctx, noisy=False)  # [B, F, T'], [B]
+        if input_b is None:  # eval: both views are the clean input
+            z_b = z_a = self.target_embed(model, clean, clean_len)  # [B, T, P]
+        else:
+            z_b = self.target_embed(model, *input_b)  # the very input the online view-B pass saw
+            if model.spec_augmentation is not None:  # A': the model's own augmentation, fresh masks
+                clean = model.spec_augmentation(input_spec=clean, length=clean_len)
+            z_a = self.target_embed(model, clean, clean_len)  # [B, T, P]
+        cos_ab = (p_a * z_b).sum(-1)  # [B, T]
+        cos_ba = (p_b * z_a).sum(-1)  # [B, T]
+        cos = 0.5 * (masked_mean(cos_ab, valid, dim=(0, 1)) + masked_mean(cos_ba, valid, dim=(0, 1)))
+        return 2.0 - 2.0 * cos, {"cos": cos.detach()}
+
+    def forward(self, ctx: StepContext) -> Tuple[torch.Tensor, Stats]:
+        enc_b, input_b = self.view_b(ctx)  # [B, D, T], encoder input of view B (None in eval)
+        return self.simclr(ctx, enc_b) if self.mode == "simclr" else self.byol(ctx, enc_b, input_b)
+
+
+# ---------------------------------------------------------------------------------------------- config
+DEFAULTS = {
+    "mode": "simclr",
+    "proj_dim": 128,
+    "temperature": 0.1,
+    "frames_per_utt": 32,
+    "ema_decay": 0.99,
+    "noise_snr_db": None,
+    "freq_masks": 2,
+    "time_masks": 2,
+    "freq_width": 15,
+    "time_width": 0.05,
+}
+
+
+def check_block(block: DictConfig, model, key: str) -> None:
+    """Validate every key of the block; the error names the full key and the allowed values."""
+    check_choice(block.mode, f"{key}.mode", ("simclr", "byol"))
+    check_int(block.proj_dim, f"{key}.proj_dim", 1)
+    check_number(block.temperature, f"{key}.temperature", 0.0, 100.0, low_open=True)
+    check_int(block.frames_per_utt, f"{key}.frames_per_utt", 1)
+    check_number(block.ema_decay, f"{key}.ema_decay", 0.0, 1.0, high_open=True)
+    if block.noise_snr_db is not None:
+        check_number(block.noise_snr_db, f"{key}.noise_snr_db (null = no noise)", -50.0, 100.0)
+    check_int(block.freq_masks, f"{key}.freq_masks", 0)
+    check_int(block.time_masks, f"{key}.time_masks", 0)
+    n_features = model.cfg.preprocessor.get("features", None)
+    check_int(block.freq_width, f"{key}.freq_width", 0, n_features)
+    tw = block.time_width
+    if isinstance(tw, float):
+        check_number(tw, f"{key}.time_width (a float is a fraction of the utterance)", 0.0, 1.0)
+    else:
+        check_int(tw, f"{key}.time_width (an integer is a number of frames; or a float fraction in [0, 1])", 0)
+
+
+@register_objective("token_contrastive", defaults=DEFAULTS)
+def build_token_contrastive(block: DictConfig, model, key: str) -> List[Objective]:
+    check_block(block, model, key)
+    width = model.decoder._feat_in  # encoder output width (d_model or its out_proj)
+    term = TokenContrastive("token_contrastive", block.weight, block.warmup_steps, width, block)
+    if term.mode == "byol":
+        term.attach_target(model)
+    return [term]
