@@ -28,7 +28,33 @@ VARIANTS = {
         "ctc_final": {"weight": 0.7},
         "interctc": {"blocks": [3], "weights": [0.3], "self_conditioning": True},
     },
+    "interctc_llm_prefix_clm": {  # needs --override model.llm.checkpoint=<LLM folder>
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "llm_prefix_clm": {"weight": 0.3, "blocks": [3, 6], "weights": [0.5, 0.5], "stack": 8},
+    },
+    "interctc_clip": {  # needs --override model.llm.checkpoint=<LLM folder>
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "clip": {"weight": 0.1},
+    },
+    "interctc_simclr": {
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "token_contrastive": {"mode": "simclr", "weight": 0.1},
+    },
+    "interctc_byol": {
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "token_contrastive": {"mode": "byol", "weight": 0.1},
+    },
+    "interctc_joint_lm": {
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "joint_lm": {"weight": 0.3},
+    },
 }
+DEFAULT_VARIANTS = "plain,ours_ctc_only,interctc,interctc_selfcond"
 
 
 def load_batch(manifest, n, seed=0):
@@ -86,7 +112,7 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, first is the baseline; from {list(VARIANTS)}")
     p.add_argument("--json", default=None, help="write the results here too")
     args = p.parse_args()
 
