@@ -7,6 +7,11 @@ hits all variants alike. Prints a table of median step time and its ratio to pla
 
     python scripts/bench_step.py --manifest demo_data/train_manifest.json \
         --tokenizer artifacts/tokenizers/tokenizer_spe_bpe_v128 --steps 20
+
+Encoder variants (same objectives, other config) are compared the same way with ``--arch``:
+
+    python scripts/bench_step.py ... --variants interctc \
+        --arch nodrop=model.encoder.dropout=0,model.encoder.dropout_pre_encoder=0,model.encoder.dropout_att=0
 """
 import argparse
 import json
@@ -114,15 +119,26 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, first is the baseline; from {list(VARIANTS)}")
     p.add_argument("--json", default=None, help="write the results here too")
+    p.add_argument("--arch", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE...]",
+                   help="extra variant: the first --variants entry's objectives with these Hydra overrides")
     args = p.parse_args()
 
     import nemo_ctcllm  # noqa: F401
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
-    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
-        cfg = compose(config_name=args.config_name, overrides=[f"model.tokenizer.dir={args.tokenizer}", *args.override])
+    def config(extra=()):
+        with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
+            return compose(config_name=args.config_name,
+                           overrides=[f"model.tokenizer.dir={args.tokenizer}", *args.override, *extra]).model
+
     names = args.variants.split(",")
-    models = {n: build(cfg.model, VARIANTS[n]) for n in names}
+    models = {n: build(config(), VARIANTS[n]) for n in names}
+    plain = {n: VARIANTS[n] is None for n in names}
+    for spec in args.arch:
+        name, _, overrides = spec.partition("=")
+        models[name] = build(config(overrides.split(",")), VARIANTS[names[0]])
+        plain[name] = plain[names[0]]
+    names = list(models)
     signal, lens, texts = load_batch(args.manifest, args.batch)
     tok = models[names[0]].tokenizer
     ids = [tok.text_to_ids(t) for t in texts]
@@ -135,7 +151,7 @@ def main():
     for it in range(args.warmup + args.steps):
         for n in names:
             t0 = time.perf_counter()
-            loss = step_fn(models[n], batch, plain=VARIANTS[n] is None)
+            loss = step_fn(models[n], batch, plain=plain[n])
             loss.backward()
             opts[n].step()
             opts[n].zero_grad(set_to_none=True)
@@ -153,6 +169,7 @@ def main():
         results[n] = {"median_s": med, "ratio": med / base, "params_m": params}
         print(f"{n:<22} {med:>14.3f} {med / base:>7.3f} {params:>11.2f}")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"batch": args.batch, "audio_s": audio_s, "steps": args.steps, "results": results}, f, indent=2)
 
