@@ -9,6 +9,7 @@ APT_PACKAGES = espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DIR ?= demo_data
 ART ?= artifacts
+TRAIN_ARGS ?=   # extra Hydra overrides for the demo training, e.g. TRAIN_ARGS="trainer.max_steps=20"
 
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
@@ -34,7 +35,7 @@ tokenizer: demo-data
 	$(PYTHON) scripts/build_tokenizer.py --manifest $(DEMO_DIR)/train_manifest.json --vocab-size 128 --out $(ART)/tokenizers
 
 train-demo: tokenizer
-	$(PYTHON) scripts/train.py --config-name=conformer_ctc_llm_demo demo_dir=$(DEMO_DIR) exp_manager.exp_dir=$(ART)/demo/exp
+	$(PYTHON) scripts/train.py --config-name=conformer_ctc_llm_demo demo_dir=$(DEMO_DIR) exp_manager.exp_dir=$(ART)/demo/exp $(TRAIN_ARGS)
 
 eval-demo:
 	$(PYTHON) scripts/export.py --src $(ART)/demo/exp/Conformer-CTC-LLM-demo/checkpoints/Conformer-CTC-LLM-demo.nemo \
