@@ -35,7 +35,8 @@ tokenizer: demo-data
 	$(PYTHON) scripts/build_tokenizer.py --manifest $(DEMO_DIR)/train_manifest.json --vocab-size 128 --out $(ART)/tokenizers
 
 train-demo: tokenizer
-	$(PYTHON) scripts/train.py --config-name=conformer_ctc_llm_demo demo_dir=$(DEMO_DIR) exp_manager.exp_dir=$(ART)/demo/exp $(TRAIN_ARGS)
+	$(PYTHON) scripts/train.py --config-name=conformer_ctc_llm_demo demo_dir=$(DEMO_DIR) exp_manager.exp_dir=$(ART)/demo/exp \
+	  model.tokenizer.dir=$(ART)/tokenizers/tokenizer_spe_bpe_v128 $(TRAIN_ARGS)
 
 eval-demo:
 	$(PYTHON) scripts/export.py --src $(ART)/demo/exp/Conformer-CTC-LLM-demo/checkpoints/Conformer-CTC-LLM-demo.nemo \
@@ -48,5 +49,6 @@ demo: install
 	$(MAKE) train-demo
 	$(MAKE) eval-demo
 
+# LLM_TEST_TP3=1 adds the real SmolLM2 at tensor-parallel size 3 (3 processes, ~25 s on 2 cores).
 test: install
-	$(PYTHON) -m pytest -q tests
+	LLM_TEST_TP3=1 $(PYTHON) -m pytest -q tests
