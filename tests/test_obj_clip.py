@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLM_CORPUS, make_tiny_llama, tiny_model_cfg
+from conftest import LLM_CORPUS, make_tiny_llama, overfit, tiny_model_cfg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from obj_tp_worker import TEXTS, asr_batch, clip_inputs, launch, make_clip  # noqa: E402
@@ -63,14 +63,7 @@ def test_overfits_one_batch(tokenizer_dir, tiny_llm, llm_process_group):
         ctx = model.step_context(asr_batch(model, LLM_CORPUS), compute_wer=False)
     encoded = torch.nn.Parameter(ctx.encoded.clone())  # [B, D, T]
     ctx = dataclasses.replace(ctx, encoded=encoded)
-    opt = torch.optim.Adam([encoded, *term.parameters()], lr=3e-3)
-    losses = []
-    for _ in range(20):
-        loss, stats = term(ctx)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, stats = overfit(lambda: term(ctx), [encoded, *term.parameters()], steps=20, lr=3e-3)
     assert losses[-1] < 0.5 * losses[0], losses
     assert float(stats["acc"]) == 1.0
 

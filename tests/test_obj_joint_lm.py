@@ -2,6 +2,7 @@
 batch, padding invariance, export and config errors."""
 import pytest
 import torch
+from conftest import overfit
 from test_model import audio_batch, make
 from test_obj_token_contrastive import plain_param_count
 
@@ -39,14 +40,8 @@ def test_overfits_one_batch(tokenizer_dir):
     model.train()
     term = model.objectives["joint_lm"]
     batch = audio_batch(lengths=(6400, 4800, 3200))  # 10, 8 and 5 encoder frames
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    losses = []
-    for _ in range(12):
-        loss, _ = term(model.step_context(batch, compute_wer=False))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    losses, _ = overfit(lambda: term(model.step_context(batch, compute_wer=False)), trainable, steps=12, lr=5e-3)
     print("joint_lm losses:", [round(x, 3) for x in losses])
     assert losses[-1] < 0.6 * losses[0], losses
 

