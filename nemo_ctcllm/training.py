@@ -1,18 +1,45 @@
-"""Checks run by scripts/train.py before the first step, so that bad data fails fast with file:line."""
+"""Data checks run by scripts/train.py before the model is built, so that bad data fails fast with file:line.
+
+The top-level ``data_checks`` block of the training config (not part of the model, so not in the ``.nemo``):
+
+    data_checks:
+      skip_bad_utterances: false  # false: refuse to start and list every bad line; true: train without them
+      check_audio: true           # read each audio header (readable, mono, sample rate, length)
+      allow_unlabelled: false     # train lines without a 'text' key are unlabelled utterances (semi-supervised)
+      min_duration: 0.05          # seconds; catches zero and absurd durations (the datasets' own
+      max_duration: 3600.0        #   min/max_duration still filter as usual)
+
+With ``skip_bad_utterances`` the usable lines of each manifest are written to
+``<log_dir>/checked_manifests/`` (audio paths made absolute) and the config is pointed there; the full
+list of skipped lines goes to ``<log_dir>/checked_manifests/skipped_lines.txt`` and the counts to the log.
+"""
 from __future__ import annotations
 
-from omegaconf import DictConfig, ListConfig
+import os
+from typing import Dict, List, Optional
 
-from nemo_ctcllm.data.manifest import CheckConfig, ManifestError, check_manifest
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from nemo_ctcllm.data.manifest import CheckConfig, ManifestError, scan_manifest, write_manifest
+from nemo_ctcllm.objectives.base import ConfigError, check_number
+
+DATA_CHECK_DEFAULTS = {
+    "skip_bad_utterances": False,
+    "check_audio": True,
+    "allow_unlabelled": False,
+    "min_duration": 0.05,
+    "max_duration": 3600.0,
+}
 
 
-def frame_shift_seconds(model) -> float:
+def frame_shift_seconds(model_cfg: DictConfig) -> float:
     """Seconds per encoder output frame (preprocessor hop x encoder subsampling)."""
-    hop = float(model.cfg.preprocessor.get("window_stride", 0.01))
-    return hop * int(model.cfg.encoder.get("subsampling_factor", 1))
+    hop = float(model_cfg.preprocessor.get("window_stride", 0.01))
+    return hop * int(model_cfg.encoder.get("subsampling_factor", 1))
 
 
-def _manifests(ds_cfg) -> list:
+def manifest_paths(ds_cfg) -> List[str]:
+    """The manifest(s) of a dataset config (a path, a comma-separated string or a list)."""
     paths = ds_cfg.get("manifest_filepath") if ds_cfg is not None else None
     if paths is None:
         return []
@@ -21,14 +48,93 @@ def _manifests(ds_cfg) -> list:
     return [p.strip() for p in str(paths).split(",") if p.strip()]
 
 
-def check_training_manifests(model, model_cfg: DictConfig) -> None:
-    """Refuse to start when a train/validation manifest has unusable lines (all reported at once)."""
-    # Duration bounds here catch absurd values only; the datasets' min/max_duration filter as usual.
-    check = CheckConfig(min_duration=0.05, max_duration=3600.0, frame_shift=frame_shift_seconds(model),
-                        tokenizer=model.tokenizer)
-    problems = []
-    for key in ("train_ds", "validation_ds"):
-        for manifest in _manifests(model_cfg.get(key)):
-            problems += check_manifest(manifest, check)
+def read_data_checks(cfg: Optional[DictConfig]) -> DictConfig:
+    """The ``data_checks`` block merged over its defaults; unknown keys and bad values name the key."""
+    user = OmegaConf.to_container(cfg, resolve=True) if cfg is not None else {}
+    if not isinstance(user, dict):
+        raise ConfigError(f"data_checks must be a mapping, got {user!r}")
+    unknown = sorted(set(user) - set(DATA_CHECK_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"data_checks: unknown key(s) {unknown}; allowed keys: {sorted(DATA_CHECK_DEFAULTS)}")
+    merged = OmegaConf.create({**DATA_CHECK_DEFAULTS, **user})
+    for key in ("skip_bad_utterances", "check_audio", "allow_unlabelled"):
+        if not isinstance(merged[key], bool):
+            raise ConfigError(f"data_checks.{key} must be true or false, got {merged[key]!r}")
+    check_number(merged.min_duration, "data_checks.min_duration", 0.0, 1e6)
+    check_number(merged.max_duration, "data_checks.max_duration", merged.min_duration, 1e6, low_open=True)
+    return merged
+
+
+def load_tokenizer(model_cfg: DictConfig):
+    """The model's SentencePiece tokenizer, loaded from ``model.tokenizer.dir`` without building the model."""
+    from nemo.collections.common.tokenizers import SentencePieceTokenizer
+
+    tok_cfg = model_cfg.get("tokenizer")
+    if tok_cfg is None or tok_cfg.get("type", "bpe") != "bpe":
+        return None  # wpe tokenizers: text checks other than 'empty' are skipped
+    path = os.path.join(str(tok_cfg.dir), "tokenizer.model")
+    if not os.path.isfile(path):
+        raise ConfigError(f"model.tokenizer.dir: no tokenizer.model in {tok_cfg.dir}")
+    return SentencePieceTokenizer(path)
+
+
+def check_training_data(cfg: DictConfig, log_dir: Optional[str] = None) -> Dict[str, int]:
+    """Check the train and validation manifests of the training config ``cfg`` before the model exists.
+
+    Refuses to start (ManifestError listing every bad line) unless ``data_checks.skip_bad_utterances``;
+    then rewrites ``cfg.model.<split>.manifest_filepath`` to checked copies under ``log_dir``.
+    Returns counts: {'<split>_bad': n, '<split>_kept': n, 'train_unlabelled': n}.
+    """
+    from nemo.utils import logging
+
+    checks = read_data_checks(cfg.get("data_checks"))
+    model_cfg = cfg.model
+    base = CheckConfig(
+        min_duration=checks.min_duration, max_duration=checks.max_duration, check_audio=checks.check_audio,
+        frame_shift=frame_shift_seconds(model_cfg), tokenizer=load_tokenizer(model_cfg),
+        sample_rate=model_cfg.get("sample_rate"),
+    )
+    counts: Dict[str, int] = {}
+    problems: List[str] = []
+    rewritten: Dict[str, List[str]] = {}
+    for split in ("train_ds", "validation_ds"):
+        check = CheckConfig(**{**base.__dict__, "require_text": not (split == "train_ds" and checks.allow_unlabelled)})
+        paths = []
+        for manifest in manifest_paths(model_cfg.get(split)):
+            report = scan_manifest(manifest, check)
+            problems += report.problems
+            counts[f"{split}_bad"] = counts.get(f"{split}_bad", 0) + len(report.problems)
+            counts[f"{split}_kept"] = counts.get(f"{split}_kept", 0) + len(report.good)
+            if split == "train_ds":
+                counts["train_unlabelled"] = counts.get("train_unlabelled", 0) + report.unlabelled
+            if report.problems and checks.skip_bad_utterances:
+                if not report.good:
+                    raise ManifestError(report.problems, hint=f"\nno usable line is left in {manifest}")
+                name = f"{split}_{len(paths)}_{os.path.basename(manifest)}"
+                manifest = write_manifest(report.good, manifest, os.path.join(_out_dir(log_dir), name))
+            paths.append(manifest)
+        rewritten[split] = paths
+    if problems and not checks.skip_bad_utterances:
+        raise ManifestError(
+            problems, hint="\nfix these lines, or set data_checks.skip_bad_utterances=true to train without them"
+        )
     if problems:
-        raise ManifestError(problems)
+        report_path = os.path.join(_out_dir(log_dir), "skipped_lines.txt")
+        with open(report_path, "w", encoding="utf-8") as f:
+            f.write("\n".join(problems) + "\n")
+        logging.warning(
+            f"data_checks.skip_bad_utterances: skipping {len(problems)} bad manifest line(s) "
+            f"(train {counts.get('train_ds_bad', 0)}, validation {counts.get('validation_ds_bad', 0)}); "
+            f"first: {problems[0]}; all listed in {report_path}"
+        )
+        with open_dict(model_cfg):
+            for split, paths in rewritten.items():
+                if paths:
+                    model_cfg[split].manifest_filepath = paths[0] if len(paths) == 1 else paths
+    return counts
+
+
+def _out_dir(log_dir: Optional[str]) -> str:
+    out = os.path.join(log_dir or ".", "checked_manifests")
+    os.makedirs(out, exist_ok=True)
+    return out

@@ -7,7 +7,10 @@
 
 Hydra overrides work as in NeMo (``trainer.max_steps=1000``, ``model.objectives.interctc.blocks=[6,12]``).
 ``init_from_nemo_model=<plain CTC .nemo>`` initialises matching weights (e.g. the encoder) from a NeMo model.
-Training manifests are checked before the first step; a bad line stops the run with file:line and reason.
+Training and validation manifests are checked before the model is built: a bad line stops the run with
+file:line and reason, or is skipped and counted with ``data_checks.skip_bad_utterances=true``. A run killed
+at any point continues from its last checkpoint with ``exp_manager.resume_if_exists=true`` (same optimizer,
+scheduler, BYOL target, step and batch position).
 """
 import lightning.pytorch as pl
 from nemo.core.config import hydra_runner
@@ -18,7 +21,7 @@ from omegaconf import OmegaConf
 
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE
 from nemo_ctcllm.parallel import init_parallel
-from nemo_ctcllm.training import check_training_manifests
+from nemo_ctcllm.training import check_training_data
 
 
 @hydra_runner(config_path="../conf", config_name="conformer_ctc_llm")
@@ -28,8 +31,10 @@ def main(cfg):
     init_parallel(cfg)  # torch.distributed + megatron TP groups, before the model (and Lightning DDP)
     trainer = pl.Trainer(**resolve_trainer_cfg(cfg.trainer))
     log_dir = exp_manager(trainer, cfg.get("exp_manager", None))
+    counts = check_training_data(cfg, log_dir=str(log_dir))  # may point cfg.model at checked manifests
     model = EncDecCTCLLMModelBPE(cfg=cfg.model, trainer=trainer)
-    check_training_manifests(model, cfg.model)
+    for logger in trainer.loggers:
+        logger.log_metrics({f"data/{k}": float(v) for k, v in counts.items()}, step=0)
     model.maybe_init_from_pretrained_checkpoint(cfg)
     trainer.fit(model)
     if cfg.model.get("test_ds") is not None and cfg.model.test_ds.get("manifest_filepath"):
