@@ -35,7 +35,8 @@ def strip_for_inference(model) -> bool:
 
 
 def atomic_save(model, path: str) -> str:
-    """``model.save_to`` through a temporary file in the same folder, then rename: never half-written."""
+    """``model.save_to`` through a temporary file in the same folder, then rename: never half-written.
+    (EncDecCTCLLMModelBPE.save_to is atomic itself; a stripped plain EncDecCTCModelBPE is not.)"""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".nemo.tmp", dir=folder)

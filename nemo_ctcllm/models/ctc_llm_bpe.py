@@ -14,12 +14,20 @@ import torch
 from lightning.pytorch import Trainer
 from nemo.collections.asr.models import EncDecCTCModelBPE
 from nemo.core.classes.mixins import AccessMixin
+from nemo.utils import logging
 from omegaconf import DictConfig
 
 from nemo_ctcllm.objectives.base import ConfigError, StepContext, build_objectives, compose_loss
 
 
 LLM_DEFAULTS = {"checkpoint": None, "tensor_model_parallel_size": 1, "cache_dir": None}
+# model.bad_steps: what a non-finite (NaN/inf) training loss does. skip: the step is dropped (no parameter,
+# optimizer-state or EMA update) and counted; max_consecutive such steps in a row stop training.
+BAD_STEP_DEFAULTS = {"skip": True, "max_consecutive": 20}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced non-finite losses too often (or once, with model.bad_steps.skip=false)."""
 
 
 class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
@@ -44,8 +52,14 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             tp = llm.get("tensor_model_parallel_size", 1)
             if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
                 raise ConfigError(f"model.llm.tensor_model_parallel_size must be an integer >= 1, got {tp!r}")
+            if trainer is not None and llm.get("checkpoint"):  # training: fail before the first step, not at it
+                _check_llm_folder(llm.checkpoint, tp)
+        self._bad_steps = _read_bad_steps(cfg.get("bad_steps"))
         super().__init__(cfg=cfg, trainer=trainer)
         self.objectives = build_objectives(self.cfg.get("objectives"), self)
+        self._skipped_steps = 0  # non-finite steps skipped in this process (logged as train/skipped_steps)
+        self._consecutive_bad = 0
+        self._skip_this_step = False
         self._capture = sorted({b for t in self.objectives.values() for b in t.capture_blocks})
         if self._capture:
             # The Conformer encoder registers "interctc/layer_output_{l}" for these 0-based layers.
@@ -145,9 +159,11 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         compute_wer = (batch_nb + 1) % log_every_n_steps == 0
         ctx = self.step_context(batch, compute_wer=compute_wer)
         loss, logs = compose_loss(self.objectives, ctx, step=self.global_step, prefix="train")
+        loss = self._guard_non_finite(loss, logs, ctx, batch_nb)
         logs = {k: v for k, v in logs.items() if not k.endswith(("_wer_num", "_wer_denom"))}
         logs.update(
             {
+                "train/skipped_steps": torch.tensor(float(self._skipped_steps)),
                 "train_loss": loss.detach(),
                 "learning_rate": torch.tensor(self._optimizer.param_groups[0]["lr"]),
                 "global_step": torch.tensor(self.trainer.global_step, dtype=torch.float32),
@@ -156,6 +172,83 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         if compute_wer and "train/ctc_final_wer" in logs:
             logs["training_batch_wer"] = logs["train/ctc_final_wer"]
         return {"loss": loss, "log": logs}
+
+    def _guard_non_finite(self, loss: torch.Tensor, logs: Dict[str, torch.Tensor], ctx: StepContext, batch_nb: int):
+        """A NaN/inf loss never reaches the weights: the step is marked for skipping and a zero loss with an
+        all-zero gradient (every trainable parameter takes part, so DDP's reducer stays in step) is returned.
+        ``on_before_optimizer_step`` then drops the gradients, so the optimizer (AdamW: no moment or weight-
+        decay update for parameters without a gradient) and an EMA target leave everything as it was."""
+        names = list(self.objectives)
+        finite = torch.isfinite(torch.stack([logs[f"train/{n}"].float() for n in names]))  # [terms]
+        if bool(finite.all()) and bool(torch.isfinite(loss)):
+            self._consecutive_bad = 0
+            return loss
+        bad = [n for n, ok in zip(names, finite.tolist()) if not ok] or ["(weighted sum)"]
+        self._skipped_steps += 1
+        self._consecutive_bad += 1
+        self._skip_this_step = True
+        where = (
+            f"step {self.global_step}, batch {batch_nb} ({ctx.signal.shape[0]} utterances, audio samples "
+            f"{ctx.signal_len.tolist()}, target lengths {ctx.target_len.tolist()})"
+        )
+        cfg = self._bad_steps
+        if not cfg["skip"] or self._consecutive_bad >= cfg["max_consecutive"]:
+            why = (
+                "model.bad_steps.skip is false" if not cfg["skip"]
+                else f"{self._consecutive_bad} consecutive steps (model.bad_steps.max_consecutive={cfg['max_consecutive']})"
+            )
+            raise NonFiniteLossError(
+                f"non-finite loss in term(s) {bad} at {where}; stopping: {why}. "
+                f"{self._skipped_steps} step(s) skipped in total. Lower the learning rate or the term's weight, "
+                "or look for bad data in these batches"
+            )
+        logging.warning(
+            f"non-finite loss in term(s) {bad} at {where}: step skipped "
+            f"({self._skipped_steps} so far, {self._consecutive_bad} in a row)"
+        )
+        zero = sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
+        return zero if torch.is_tensor(zero) else loss.new_zeros(())
+
+    def on_train_start(self):
+        """After a mid-epoch resume Lightning's logging step lags ``global_step`` by one (the checkpoint is
+        written before its counter of stepped batches is incremented), so TensorBoard curves would overlap
+        by a step; put the logging step back on ``global_step`` (one optimizer, so the two are equal)."""
+        super().on_train_start()
+        loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
+        if loop is not None and getattr(loop, "_batches_that_stepped", None) is not None:
+            loop._batches_that_stepped = max(loop._batches_that_stepped, self.trainer.global_step)
+
+    @property
+    def optimizer_updates(self) -> int:
+        """Optimizer steps that changed the weights: ``global_step`` minus the skipped non-finite steps."""
+        return self.global_step - self._skipped_steps
+
+    def on_save_checkpoint(self, checkpoint):
+        """Lightning checkpoints also carry the skipped-step count and (single process) the RNG states, so that
+        a resumed run draws the same augmentation noise as the uninterrupted one."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["nemo_ctcllm"] = {"skipped_steps": self._skipped_steps, "rng": _rng_states()}
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("nemo_ctcllm", {})
+        self._skipped_steps = int(state.get("skipped_steps", 0))
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if state.get("rng") is not None and world == 1:  # rank 0's states would make every rank draw alike
+            _set_rng_states(state["rng"])
+
+    def on_before_optimizer_step(self, optimizer):
+        """Drop the gradients of a step marked by ``_guard_non_finite`` (on every rank if any rank marked it)."""
+        skip = torch.tensor(float(self._skip_this_step))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = next(self.parameters()).device if torch.distributed.get_backend() == "nccl" else "cpu"
+            skip = skip.to(device)
+            torch.distributed.all_reduce(skip, op=torch.distributed.ReduceOp.MAX)
+        self._skip_this_step = False
+        if skip.item() > 0:
+            for p in self.parameters():
+                p.grad = None
+        super().on_before_optimizer_step(optimizer)
 
     def validation_pass(self, batch, batch_idx, dataloader_idx=0):
         ctx = self.step_context(batch, compute_wer=True)
@@ -185,6 +278,36 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             self.test_step_outputs.append(test_logs)
         return test_logs
 
+    def setup_training_data(self, train_data_config):
+        """NeMo's training loader, made resumable mid-epoch (``nemo_ctcllm.data.resumable``)."""
+        super().setup_training_data(train_data_config)
+        from nemo_ctcllm.data.resumable import make_resumable
+
+        seed = train_data_config.get("seed", 0) if train_data_config is not None else 0
+        self._train_dl = make_resumable(self._train_dl, seed=seed if isinstance(seed, int) else 0)
+
+    # ------------------------------------------------------------------ .nemo files
+    def save_to(self, save_path: str):
+        """NeMo's ``save_to`` through a temporary file in the same folder, then an atomic rename, so that a
+        ``.nemo`` written during training (NeMo's checkpoint callback calls this) is never half-written."""
+        import os
+        import tempfile
+
+        from nemo.utils.get_rank import is_global_rank_zero
+
+        folder = os.path.dirname(os.path.abspath(save_path))
+        os.makedirs(folder, exist_ok=True)
+        if not is_global_rank_zero():
+            return super().save_to(save_path)  # NeMo writes nothing on other ranks
+        fd, tmp = tempfile.mkstemp(suffix=".nemo.tmp", dir=folder)
+        os.close(fd)
+        try:
+            super().save_to(tmp)
+            os.replace(tmp, save_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
     def setup_optimizer_param_groups(self):
         """NeMo's param groups, keeping only parameters that train (frozen targets, e.g. an EMA copy, stay out)."""
         super().setup_optimizer_param_groups()
@@ -199,6 +322,59 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
     def inference_terms(self) -> List[str]:
         """Names of objective modules that the inference forward pass needs (self-conditioning)."""
         return [name for name, t in self.objectives.items() if t.needed_at_inference]
+
+
+def _rng_states() -> dict:
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]  # plain types: weights_only loads
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _check_llm_folder(checkpoint: str, tp: int) -> None:
+    from nemo_ctcllm.llm.convert import LLMCheckpointError
+    from nemo_ctcllm.llm.host import validate_llm_folder
+
+    try:
+        validate_llm_folder(checkpoint, tp)
+    except LLMCheckpointError as e:
+        msg = str(e) if "model.llm" in str(e) else f"model.llm.checkpoint={checkpoint}: {e}"
+        raise ConfigError(msg) from e
+
+
+def _read_bad_steps(block) -> dict:
+    from omegaconf import OmegaConf
+
+    from nemo_ctcllm.objectives.base import check_int
+
+    user = OmegaConf.to_container(block, resolve=True) if block is not None else {}
+    unknown = sorted(set(user) - set(BAD_STEP_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"model.bad_steps: unknown key(s) {unknown}; allowed keys: {sorted(BAD_STEP_DEFAULTS)}")
+    merged = {**BAD_STEP_DEFAULTS, **user}
+    if not isinstance(merged["skip"], bool):
+        raise ConfigError(f"model.bad_steps.skip must be true or false, got {merged['skip']!r}")
+    check_int(merged["max_consecutive"], "model.bad_steps.max_consecutive", 1)
+    return merged
 
 
 def _aggregate(outputs: List[dict], prefix: str) -> Dict[str, torch.Tensor]:

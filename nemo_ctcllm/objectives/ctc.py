@@ -35,7 +35,9 @@ def ctc_loss_and_stats(
     """
     model = ctx.model
     loss = model.loss(log_probs=log_probs, targets=ctx.targets, input_lengths=lengths, target_lengths=ctx.target_len)
-    stats: Stats = {}
+    # NeMo's CTCLoss has zero_infinity=True: an infeasible utterance (more labels + repeats than frames)
+    # adds 0 instead of inf. Count them, so that a tokenizer/subsampling mismatch shows up in the logs.
+    stats: Stats = {"infeasible": ctc_infeasible(ctx.targets, ctx.target_len, lengths).sum().float()}
     if ctx.compute_wer:
         model.wer.update(
             predictions=log_probs, predictions_lengths=lengths, targets=ctx.targets, targets_lengths=ctx.target_len
@@ -44,6 +46,17 @@ def ctc_loss_and_stats(
         model.wer.reset()
         stats.update(wer=wer, wer_num=num, wer_denom=denom)
     return loss, stats
+
+
+def ctc_infeasible(targets: torch.Tensor, target_len: torch.Tensor, input_len: torch.Tensor) -> torch.Tensor:
+    """Which utterances CTC cannot align: targets [B, U], target_len [B], input_len [B] -> bool [B].
+
+    A CTC path needs one frame per label plus one blank between equal neighbours.
+    """
+    U = targets.shape[1]
+    valid = torch.arange(U - 1, device=targets.device)[None, :] < (target_len[:, None] - 1)  # [B, U-1]
+    repeats = ((targets[:, 1:] == targets[:, :-1]) & valid).sum(1)  # [B]
+    return target_len + repeats > input_len
 
 
 class FinalCTC(Objective):

@@ -267,9 +267,10 @@ class TokenContrastive(Objective):
 
     def byol(self, ctx: StepContext, enc_b: torch.Tensor, input_b) -> Tuple[torch.Tensor, Stats]:
         model = ctx.model
-        if self.training and model.global_step != self._ema_step:  # once per optimizer step
+        updates = model.optimizer_updates  # steps skipped for a non-finite loss don't count
+        if self.training and updates != self._ema_step:  # once per applied optimizer step
             self.ema_update(model)
-            self._ema_step = model.global_step
+            self._ema_step = updates
         valid = length_mask(ctx.encoded_len, ctx.encoded.shape[2])  # [B, T]
         p_a = self.online_predict(ctx.encoded)  # [B, T, P]
         p_b = self.online_predict(enc_b)  # [B, T, P]
