@@ -212,10 +212,12 @@ def test_error_missing_checkpoint(tmp_path):
 
 def test_error_missing_weights_or_tokenizer(tiny_ckpts, tmp_path):
     shutil.copy(tiny_ckpts["gqa_untied"] / "config.json", tmp_path / "config.json")
-    with pytest.raises(LLMCheckpointError, match="no weights in .*model.safetensors"):
+    with pytest.raises(LLMCheckpointError, match="cannot load the tokenizer from"):  # checked before the weights
         LLMHost(tmp_path)
-    shutil.copy(tiny_ckpts["gqa_untied"] / "model.safetensors", tmp_path / "model.safetensors")
-    with pytest.raises(LLMCheckpointError, match="cannot load the tokenizer from"):
+    for f in tiny_ckpts["gqa_untied"].iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(LLMCheckpointError, match="no weights in .*model.safetensors"):
         LLMHost(tmp_path)
 
 
@@ -233,14 +235,28 @@ def test_error_unknown_rope_scaling(tiny_ckpts, tmp_path):
         convert.read_llama_spec(tmp_path)
 
 
+def test_error_tokenizer_does_not_match_checkpoint(tiny_ckpts, tmp_path):
+    """A tokenizer with more tokens than the checkpoint's embedding rows (copied from another model)."""
+    import shutil
+
+    from nemo_ctcllm.llm.host import validate_llm_folder
+
+    shutil.copytree(tiny_ckpts["gqa_untied"], tmp_path / "llm")
+    cfg = json.loads((tmp_path / "llm" / "config.json").read_text())
+    (tmp_path / "llm" / "config.json").write_text(json.dumps({**cfg, "vocab_size": 16}))
+    with pytest.raises(LLMCheckpointError, match=r"the tokenizer does not match the checkpoint: it has \d+ tokens"):
+        validate_llm_folder(tmp_path / "llm")
+    validate_llm_folder(tiny_ckpts["gqa_untied"])  # the matching pair passes
+
+
 def test_error_not_divisible_by_tp(tiny_ckpts, tmp_path):
-    with pytest.raises(LLMCheckpointError, match="num_attention_heads=4 is not divisible by tensor-parallel size 3"):
+    with pytest.raises(LLMCheckpointError, match=r"tensor_model_parallel_size=3: the LLM's num_attention_heads=4 is not divisible by it; allowed sizes for this LLM: \[1, 2\]"):
         LLMHost(tiny_ckpts["gqa_untied"], tp_size=3)
-    with pytest.raises(LLMCheckpointError, match="query groups.*=1 is not divisible by tensor-parallel size 2"):
+    with pytest.raises(LLMCheckpointError, match=r"query groups\)=1 is not divisible by it; allowed sizes for this LLM: \[1\]"):
         LLMHost(tiny_ckpts["gqa_tied_llama3rope"], tp_size=2)
     cfg = json.loads((tiny_ckpts["gqa_untied"] / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "vocab_size": 129}))
-    with pytest.raises(LLMCheckpointError, match="vocab_size=129 is not divisible by tensor-parallel size 2"):
+    with pytest.raises(LLMCheckpointError, match="vocab_size=129 is not divisible by it"):
         LLMHost(tmp_path, tp_size=2)
 
 

@@ -142,14 +142,17 @@ def read_llama_spec(checkpoint_dir) -> LlamaSpec:
 
 def check_tp_divisibility(spec: LlamaSpec, tp_size: int) -> None:
     """Raise a clear error when heads, query groups or vocab cannot be split over ``tp_size``."""
-    for name, value in (
-        ("num_attention_heads", spec.num_heads),
-        ("num_key_value_heads (query groups)", spec.num_query_groups),
-        ("vocab_size", spec.vocab_size),
-    ):
+    values = {
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads (query groups)": spec.num_query_groups,
+        "vocab_size": spec.vocab_size,
+    }
+    for name, value in values.items():
         if value % tp_size != 0:
+            allowed = [t for t in range(1, spec.num_heads + 1) if all(v % t == 0 for v in values.values())]
             raise LLMCheckpointError(
-                f"{name}={value} is not divisible by tensor-parallel size {tp_size}"
+                f"model.llm.tensor_model_parallel_size={tp_size}: the LLM's {name}={value} is not divisible by it; "
+                f"allowed sizes for this LLM: {allowed}"
             )
 
 

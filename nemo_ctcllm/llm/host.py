@@ -114,6 +114,36 @@ def _ensure_rng_tracker(seed: int = 1234) -> None:
 # ----------------------------------------------------------------------------- host
 
 
+def check_tokenizer_matches(tokenizer, spec, checkpoint_dir) -> None:
+    """The tokenizer in the LLM folder must index into the checkpoint's embedding table (a tokenizer copied from
+    another model is the usual mistake): every id, special ones included, must be < config.vocab_size."""
+    ids = {"tokens": len(tokenizer) - 1}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            ids[name] = getattr(tokenizer, name)
+    too_big = {k: v for k, v in ids.items() if v >= spec.vocab_size}
+    if too_big:
+        raise LLMCheckpointError(
+            f"model.llm.checkpoint={checkpoint_dir}: the tokenizer does not match the checkpoint: it has "
+            f"{len(tokenizer)} tokens (ids {too_big}) but config.json vocab_size is {spec.vocab_size}; "
+            "use the tokenizer files that came with these weights"
+        )
+
+
+def validate_llm_folder(checkpoint_dir, tp_size: int = 1) -> None:
+    """Cheap checks of an LLM folder before training starts (no weights read): config.json describes a
+    supported LLaMA, its heads divide by ``tp_size``, and its tokenizer loads and matches the vocabulary."""
+    from transformers import AutoTokenizer
+
+    spec = read_llama_spec(checkpoint_dir)
+    check_tp_divisibility(spec, tp_size)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise LLMCheckpointError(f"cannot load the tokenizer from {checkpoint_dir}: {e}") from e
+    check_tokenizer_matches(tokenizer, spec, checkpoint_dir)
+
+
 def causal_padding_mask(lengths: Tensor, seq_len: int) -> Tensor:
     """Megatron attention mask [B, 1, L, L] bool, True = masked: future keys and padded keys."""
     pos = torch.arange(seq_len, device=lengths.device)
@@ -165,11 +195,12 @@ class LLMHost(nn.Module):
         init_model_parallel(tp_size)
         _ensure_rng_tracker()
 
-        spec, full = load_full_state_dict(self.checkpoint_dir, cache_dir)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.checkpoint_dir), local_files_only=True)
         except (OSError, ValueError) as e:
             raise LLMCheckpointError(f"cannot load the tokenizer from {self.checkpoint_dir}: {e}") from e
+        check_tokenizer_matches(self.tokenizer, spec, self.checkpoint_dir)
+        spec, full = load_full_state_dict(self.checkpoint_dir, cache_dir)
         rank = parallel_state.get_tensor_model_parallel_rank()
         gpt = build_gpt_model(spec, tp_size, params_dtype, device)
         load_shards_into(gpt, shard_state_dict(full, spec, tp_size, rank))
