@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterator
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 
 class _SkipFirst:
@@ -36,7 +36,9 @@ class _SkipFirst:
         for _ in range(self.skip):
             if next(it, StopIteration) is StopIteration:
                 return
-        yield from it
+        # not `yield from it`: that calls iter() again, and a Lhotse sampler (its own iterator) would restart
+        while (item := next(it, StopIteration)) is not StopIteration:
+            yield item
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -97,8 +99,17 @@ class ResumableDataLoader(DataLoader):
 
 
 def make_resumable(loader, seed: int):
-    """Make NeMo's training ``loader`` resumable in place (returns it); other iterables pass through."""
-    if type(loader) is DataLoader:
-        loader.__class__ = ResumableDataLoader
-        object.__setattr__(loader, "_resume_seed", int(seed))
+    """Make NeMo's training ``loader`` resumable in place (returns it). Iterable datasets (tarred/Shar data,
+    whose sampler runs inside the workers) and other iterables pass through unchanged."""
+    if type(loader) is not DataLoader or isinstance(loader.dataset, IterableDataset):
+        return loader
+    loader.__class__ = ResumableDataLoader
+    object.__setattr__(loader, "_resume_seed", int(seed))
+    if isinstance(getattr(loader.sampler, "seed", 0), str):
+        from nemo.utils import logging
+
+        logging.warning(
+            f"model.train_ds.shard_seed={loader.sampler.seed!r} draws a new shuffling seed in every process, so a "
+            "resumed run continues at the same batch count but in another order; set it to an integer"
+        )
     return loader
