@@ -3,7 +3,9 @@
 
 Every variant gets the same weights where they overlap, the same real audio batch (from a manifest) and the
 same optimizer; steps (forward + backward + AdamW step) are interleaved round-robin so that machine noise
-hits all variants alike. Prints a table of median step time and its ratio to plain CTC.
+hits all variants alike. Prints a table of median step time and its ratio to plain CTC, and of the peak
+memory one step allocates (profiler allocation events; weights already held, e.g. the frozen LLM, are not
+counted) and its ratio.
 
     python scripts/bench_step.py --manifest demo_data/train_manifest.json \
         --tokenizer artifacts/tokenizers/tokenizer_spe_bpe_v128 --steps 20
@@ -108,6 +110,26 @@ def step_fn(model, batch, plain):
     return compose_loss(model.objectives, ctx, step=10**6, prefix="train")[0]
 
 
+def step_peak_mib(step) -> float:
+    """Peak CPU memory allocated by PyTorch during one call of ``step()`` above what was allocated before it
+    (activations, gradients, optimizer state growth; not the weights already held), from the profiler's
+    allocation events in time order: each op's own allocations at its start, frees where they happen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    timeline = []
+    for e in prof.events():
+        mem = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if mem:
+            timeline.append((e.time_range.start if mem > 0 else e.time_range.end, mem))
+    current = peak = 0
+    for _, mem in sorted(timeline):
+        current += mem
+        peak = max(peak, current)
+    return peak / 2**20
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-name", default="conformer_ctc_llm_demo")
@@ -158,16 +180,25 @@ def main():
             dt = time.perf_counter() - t0
             if it >= args.warmup:
                 times[n].append(dt)
+    def one_step(n):
+        loss = step_fn(models[n], batch, plain=plain[n])
+        loss.backward()
+        opts[n].step()
+        opts[n].zero_grad(set_to_none=True)
+
+    peaks = {n: step_peak_mib(lambda n=n: one_step(n)) for n in names}
     base = statistics.median(times[names[0]])
     audio_s = float(lens.sum()) / 16000
     print(f"batch: {args.batch} utterances, {audio_s:.1f} s of audio; {args.steps} timed steps each, interleaved")
-    print(f"{'variant':<22} {'median s/step':>14} {'ratio':>7} {'params (M)':>11}")
+    print(f"{'variant':<26} {'median s/step':>14} {'ratio':>7} {'step peak MiB':>14} {'ratio':>7} {'params (M)':>11}")
     results = {}
     for n in names:
         med = statistics.median(times[n])
         params = sum(q.numel() for q in models[n].parameters() if q.requires_grad) / 1e6
-        results[n] = {"median_s": med, "ratio": med / base, "params_m": params}
-        print(f"{n:<22} {med:>14.3f} {med / base:>7.3f} {params:>11.2f}")
+        peak_ratio = peaks[n] / peaks[names[0]]
+        results[n] = {"median_s": med, "ratio": med / base, "params_m": params, "peak_mib": peaks[n],
+                      "peak_ratio": peak_ratio}
+        print(f"{n:<26} {med:>14.3f} {med / base:>7.3f} {peaks[n]:>14.0f} {peak_ratio:>7.2f} {params:>11.2f}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

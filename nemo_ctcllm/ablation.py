@@ -1,0 +1,255 @@
+"""The ablation benchmark behind ``scripts/ablate.py``: train the same encoder under each objective, score the
+exported models, and summarise (table + plots) from small per-run result files.
+
+One *run* = (name, seed): ``scripts/train.py`` on the demo config plus the run's Hydra overrides, in its own
+experiment folder (so a killed run resumes from its last checkpoint: the recipe sets
+``exp_manager.resume_if_exists``), then export (no LLM, no regularizer heads) and greedy-CTC WER/CER on every
+evaluation split. Its metrics go to ``<results>/<name>_s<seed>.json``; a run whose file exists is not redone,
+so the table fills in over several sittings and is regenerated from those files alone.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOLLM2 = "model.llm.checkpoint=artifacts/llm/smollm2-135m"
+PLAIN = ["model.objectives.interctc.enabled=false", "model.objectives.ctc_final.weight=1.0"]
+
+
+@dataclass
+class Run:
+    name: str
+    overrides: List[str]
+    seeds: Sequence[int] = (0,)
+    bench_variant: Optional[str] = None  # the scripts/bench_step.py variant that measures its step cost
+    note: str = ""
+
+
+# The control is the demo config itself (final CTC 0.7 + intermediate CTC at block 3, 0.3); every objective
+# is added on top of it, with the weight its module docstring recommends.
+RUNS: List[Run] = [
+    Run("plain_ctc", PLAIN, seeds=(0, 1), bench_variant="plain", note="NeMo's CTC alone"),
+    Run("interctc", [], seeds=(0, 1), bench_variant="interctc", note="control: CTC + intermediate CTC"),
+    Run("interctc_selfcond", ["model.objectives.interctc.self_conditioning=true"], bench_variant="interctc_selfcond"),
+    Run("joint_lm", ["+model.objectives.joint_lm.weight=0.3"], bench_variant="interctc_joint_lm"),
+    Run("simclr", ["+model.objectives.token_contrastive.mode=simclr", "+model.objectives.token_contrastive.weight=0.1"],
+        bench_variant="interctc_simclr"),
+    Run("byol", ["+model.objectives.token_contrastive.mode=byol", "+model.objectives.token_contrastive.weight=0.1"],
+        bench_variant="interctc_byol"),
+    Run("clip", [SMOLLM2, "+model.objectives.clip.weight=0.1"], bench_variant="interctc_clip"),
+    Run("llm_prefix_clm", [SMOLLM2, "+model.objectives.llm_prefix_clm.weight=0.3",
+                           "+model.objectives.llm_prefix_clm.blocks=[3,6]", "+model.objectives.llm_prefix_clm.weights=[0.5,0.5]",
+                           "+model.objectives.llm_prefix_clm.stack=8"], bench_variant="interctc_llm_prefix_clm"),
+]
+
+EVAL_SPLITS = {"dev": "dev_manifest.json", "test": "test_manifest.json",
+               "test_unseen_engine": "test_unseen_engine_manifest.json"}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def result_path(results: str, run: str, seed: int) -> str:
+    return os.path.join(results, f"{run}_s{seed}.json")
+
+
+def train_command(run: Run, seed: int, work: str, config: str, extra: Sequence[str]) -> List[str]:
+    return [
+        sys.executable, os.path.join(REPO, "scripts", "train.py"), f"--config-name={config}",
+        f"seed={seed}", f"exp_manager.exp_dir={os.path.join(work, f'{run.name}_s{seed}')}",
+        f"name={run.name}", "exp_manager.checkpoint_callback_params.save_top_k=1", *extra, *run.overrides,
+    ]
+
+
+def dev_curve(exp_dir: str) -> List[List[float]]:
+    """[[step, dev WER], ...] from the run's TensorBoard events (all files: a resumed run has several)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curve: Dict[int, float] = {}
+    for events in sorted(glob.glob(os.path.join(exp_dir, "**", "events.out.tfevents.*"), recursive=True)):
+        acc = EventAccumulator(events, size_guidance={"scalars": 0})
+        acc.Reload()
+        if "val_wer" in acc.Tags()["scalars"]:
+            curve.update({e.step: e.value for e in acc.Scalars("val_wer")})
+    return [[s, curve[s]] for s in sorted(curve)]
+
+
+def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, config: str, extra: Sequence[str],
+            log=print) -> dict:
+    """Train (or resume) one run, export it, score it, write its result file; returns the result."""
+    import nemo_ctcllm  # noqa: F401
+    from nemo.collections.asr.models import ASRModel
+
+    from nemo_ctcllm.evaluate import evaluate
+    from nemo_ctcllm.export import export_for_inference
+
+    exp_dir = os.path.join(work, f"{run.name}_s{seed}")
+    os.makedirs(exp_dir, exist_ok=True)
+    cmd = train_command(run, seed, work, config, extra)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
+    start = time.time()
+    with open(os.path.join(exp_dir, "train.log"), "a") as out:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    wall = time.time() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {run.name} seed {seed} failed (exit {proc.returncode}); see {exp_dir}/train.log")
+    nemo = sorted(glob.glob(os.path.join(exp_dir, run.name, "checkpoints", f"{run.name}.nemo")))
+    if not nemo:
+        raise RuntimeError(f"run {run.name} seed {seed}: no .nemo under {exp_dir}")
+    infer = os.path.join(exp_dir, "inference.nemo")
+    export_for_inference(nemo[0], infer)
+    model = ASRModel.restore_from(infer, map_location="cpu")
+    metrics = {}
+    for split, manifest in EVAL_SPLITS.items():
+        path = os.path.join(data_dir, manifest)
+        if os.path.isfile(path):
+            metrics[split] = evaluate(model, path)
+            log(f"  {run.name} s{seed} {split}: WER {100 * metrics[split]['wer']:.1f} CER {100 * metrics[split]['cer']:.1f}")
+    curve = dev_curve(exp_dir)
+    result = {
+        "run": run.name, "seed": seed, "overrides": run.overrides, "note": run.note,
+        "command": " ".join(["python scripts/train.py", *cmd[2:]]).replace(REPO + os.sep, ""),
+        "commit": git_commit(), "wall_s_last_sitting": round(wall, 1),
+        "steps": int(curve[-1][0]) if curve else None, "metrics": metrics, "dev_curve": curve,
+        "exported_params": sum(p.numel() for p in model.parameters()),
+        "exported_nemo_bytes": os.path.getsize(infer), "bench_variant": run.bench_variant,
+    }
+    os.makedirs(results, exist_ok=True)
+    with open(result_path(results, run.name, seed), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+# ------------------------------------------------------------------ summary
+def load_results(results: str) -> Dict[str, List[dict]]:
+    by_run: Dict[str, List[dict]] = {}
+    for path in sorted(glob.glob(os.path.join(results, "*_s*.json"))):
+        r = json.load(open(path))
+        by_run.setdefault(r["run"], []).append(r)
+    return by_run
+
+
+def _mean_spread(values: List[float]):
+    return statistics.mean(values), (max(values) - min(values)) if len(values) > 1 else None
+
+
+def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, order: Sequence[str] = ()) -> str:
+    """The ablation table (markdown) and two PNG plots, from the per-run files only."""
+    by_run = load_results(results)
+    if not by_run:
+        return "_no finished runs yet_\n"
+    names = [n for n in order if n in by_run] + sorted(set(by_run) - set(order))
+    bench = {}
+    if bench_json and os.path.isfile(bench_json):
+        bench = json.load(open(bench_json)).get("results", {})
+    test_of = {n: [100 * r["metrics"]["test"]["wer"] for r in by_run[n] if "test" in r["metrics"]] for n in names}
+
+    def rel(n: str, ref: str) -> str:
+        if ref not in test_of or not test_of[ref] or not test_of[n] or n == ref:
+            return "—"
+        m, _ = _mean_spread(test_of[n])
+        mr, spread = _mean_spread(test_of[ref])
+        change = 100 * (m - mr) / mr
+        noise = [s for s in (_mean_spread(test_of[n])[1], spread) if s is not None]
+        if noise and abs(m - mr) <= max(noise):
+            return f"{change:+.1f} % (within seed spread: no difference)"
+        return f"{change:+.1f} %"
+
+    lines = [
+        "| run | seeds | dev WER | test WER | test CER | unseen-engine WER | vs plain CTC (test) | "
+        "vs interctc control (test) | step time × plain | peak memory × plain | last val step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        rs = by_run[n]
+
+        def cell(split, key="wer"):
+            vals = [100 * r["metrics"][split][key] for r in rs if split in r["metrics"]]
+            if not vals:
+                return "—"
+            m, spread = _mean_spread(vals)
+            return f"{m:.1f}" + (f" ± {spread / 2:.1f}" if spread is not None else "")
+
+        b = bench.get(rs[0].get("bench_variant") or "", {})
+        ratio = f"{b['ratio']:.2f}" if "ratio" in b else "—"
+        mem = f"{b['peak_ratio']:.2f}" if "peak_ratio" in b else "—"
+        lines.append(
+            f"| {n} | {','.join(str(r['seed']) for r in rs)} | {cell('dev')} | {cell('test')} | {cell('test', 'cer')} | "
+            f"{cell('test_unseen_engine')} | {rel(n, 'plain_ctc')} | {rel(n, 'interctc')} | {ratio} | {mem} | "
+            f"{max((r['steps'] or 0) for r in rs)} |"
+        )
+    lines.append("")
+    lines.append("WER/CER in %, greedy CTC, exported model (no LLM), text normalised by nemo_ctcllm.evaluate. "
+                 "± is half the min–max spread over seeds; a change within the spread is reported as no difference. "
+                 "Step time and peak memory: scripts/bench_step.py (same batch, same process). Commits and exact "
+                 "commands are in each run's file.")
+    _plots(by_run, names, plots_dir)
+    return "\n".join(lines) + "\n"
+
+
+def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(plots_dir, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for n in names:
+        for r in by_run[n]:
+            if r["dev_curve"]:
+                steps, wers = zip(*r["dev_curve"])
+                ax.plot(steps, [100 * w for w in wers], marker="o", ms=3, label=f"{n} s{r['seed']}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("dev WER (%)")
+    ax.set_title("Dev WER during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(plots_dir, "ablation_dev_wer.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, n in enumerate(names):
+        for split, dx, color in (("test", -0.2, "tab:blue"), ("test_unseen_engine", 0.2, "tab:orange")):
+            vals = [100 * r["metrics"][split]["wer"] for r in by_run[n] if split in r["metrics"]]
+            if vals:
+                m = statistics.mean(vals)
+                err = [[m - min(vals)], [max(vals) - m]]
+                ax.bar(i + dx, m, width=0.4, color=color, yerr=err, capsize=3,
+                       label=split if i == 0 else None)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("WER (%)")
+    ax.set_title("Final WER of the exported model (bars: mean over seeds, whiskers: min–max)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(plots_dir, "ablation_test_wer.png"), dpi=110)
+    plt.close(fig)
+
+
+def write_section(report: str, table: str, header: str) -> None:
+    """Replace the text between the ablation markers of ``report`` (or create the file)."""
+    begin, end = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+    block = f"{begin}\n{header}\n{table}{end}"
+    text = open(report).read() if os.path.isfile(report) else ""
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    with open(report, "w") as f:
+        f.write(text)

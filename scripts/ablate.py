@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""The ablation benchmark: every objective against plain CTC and the intermediate-CTC control, same encoder,
+same data order and step budget; greedy-CTC WER of the exported model (no LLM); table and plots.
+
+    python scripts/ablate.py                       # all runs of nemo_ctcllm.ablation.RUNS not yet finished
+    python scripts/ablate.py --runs plain_ctc,interctc --seeds 0,1
+    python scripts/ablate.py --summarise           # only rebuild the table and plots from docs/results/ablation
+    python scripts/ablate.py --quick --work /tmp/q  # the whole pipeline on a tiny corpus and model (~2 min)
+
+Each run trains with scripts/train.py in its own folder under --work (a killed run resumes where it stopped)
+and writes docs/results/ablation/<run>_s<seed>.json; finished runs are skipped. The table goes into
+docs/RESULTS.md between the ablation markers, the plots into docs/results/.
+"""
+import argparse
+import os
+import sys
+
+from tqdm import tqdm
+
+from nemo_ctcllm.ablation import REPO, RUNS, Run, result_path, run_one, summarise, write_section
+
+
+def quick_setup(work: str):
+    """A tiny corpus, tokenizer and model: checks the pipeline end to end, not the objectives."""
+    from nemo_ctcllm.data.demo import make_demo_corpus
+    from nemo_ctcllm.data.tokenizer import build_bpe_tokenizer_from_texts
+
+    data = os.path.join(work, "data")
+    make_demo_corpus(data, num_train=24, num_dev=8, num_test=8, num_test_unseen_engine=4, seed=0,
+                              workers=2, progress=False)
+    with open(os.path.join(REPO, "nemo_ctcllm", "data", "sentences.txt"), encoding="utf-8") as f:
+        sentences = [s for s in f.read().splitlines() if s and not s.startswith("#")]
+    tok = build_bpe_tokenizer_from_texts(sentences, os.path.join(work, "tok"), vocab_size=64)
+    extra = [f"demo_dir={data}", f"model.tokenizer.dir={tok}", "model.encoder.n_layers=4", "model.encoder.d_model=32",
+             "model.encoder.n_heads=2", "model.train_ds.batch_duration=12", "model.train_ds.num_workers=0",
+             "trainer.max_steps=4", "trainer.limit_train_batches=2", "trainer.check_val_every_n_epoch=1",
+             "trainer.log_every_n_steps=1", "model.log_prediction=false", "trainer.enable_progress_bar=false"]
+    runs = [r for r in RUNS if r.name in ("plain_ctc", "interctc")]
+    return data, extra, [Run(r.name, r.overrides, (0,), r.bench_variant, r.note) for r in runs]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", help="comma-separated run names (default: all)")
+    p.add_argument("--seeds", help="comma-separated seeds for every selected run (default: each run's own)")
+    p.add_argument("--work", default=os.path.join(REPO, "artifacts", "ablation"), help="experiment folders")
+    p.add_argument("--results", help="per-run result files (default: docs/results/ablation; --quick: <work>/results)")
+    p.add_argument("--data", default=os.path.join(REPO, "demo_data"), help="the demo corpus folder")
+    p.add_argument("--config", default="conformer_ctc_llm_demo")
+    p.add_argument("--summarise", action="store_true", help="don't train; rebuild the table and plots")
+    p.add_argument("--quick", action="store_true", help="tiny corpus + model, 2 runs: checks the pipeline")
+    p.add_argument("--force", action="store_true", help="redo runs that have a result file")
+    p.add_argument("override", nargs="*", help="extra Hydra overrides for every run")
+    args = p.parse_args(argv)
+
+    runs, extra, data = list(RUNS), list(args.override), args.data
+    results = args.results or os.path.join(REPO, "docs", "results", "ablation")
+    report = os.path.join(REPO, "docs", "RESULTS.md")
+    plots = os.path.join(REPO, "docs", "results")
+    if args.quick:
+        os.makedirs(args.work, exist_ok=True)
+        data, quick_extra, runs = quick_setup(args.work)
+        extra = quick_extra + extra
+        results = args.results or os.path.join(args.work, "results")
+        report, plots = os.path.join(args.work, "report.md"), os.path.join(args.work, "plots")
+    if args.runs:
+        known = {r.name: r for r in runs}
+        unknown = [n for n in args.runs.split(",") if n not in known]
+        if unknown:
+            p.error(f"--runs: unknown run(s) {unknown}; known: {sorted(known)}")
+        runs = [known[n] for n in args.runs.split(",")]
+    if args.seeds:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+        runs = [Run(r.name, r.overrides, seeds, r.bench_variant, r.note) for r in runs]
+
+    if not args.summarise:
+        todo = [(r, s) for r in runs for s in r.seeds]
+        bar = tqdm(todo, desc="ablation", unit="run", file=sys.stdout)
+        for run, seed in bar:
+            bar.set_postfix_str(f"{run.name} s{seed}")
+            if os.path.isfile(result_path(results, run.name, seed)) and not args.force:
+                tqdm.write(f"{run.name} s{seed}: already finished ({result_path(results, run.name, seed)})")
+                continue
+            run_one(run, seed, work=args.work, results=results, data_dir=data, config=args.config, extra=extra,
+                    log=tqdm.write)
+    table = summarise(results, plots, bench_json=os.path.join(REPO, "docs", "results", "bench_step.json"),
+                      order=[r.name for r in RUNS])
+    rel = os.path.relpath(plots, os.path.dirname(report))
+    header = (f"### Ablation table (generated by `scripts/ablate.py` from `{os.path.relpath(results, REPO)}`)\n\n"
+              f"![dev WER]({rel}/ablation_dev_wer.png) ![test WER]({rel}/ablation_test_wer.png)\n")
+    write_section(report, table, header)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""scripts/ablate.py --quick: the whole benchmark pipeline (train, resume-safe bookkeeping, export, score,
+table, plots) on a tiny corpus and model; a second call finds every run finished and trains nothing."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "scripts" / "ablate.py"), "--quick", "--work", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for run in ("plain_ctc", "interctc"):
+        result = json.load(open(tmp_path / "results" / f"{run}_s0.json"))
+        assert set(result["metrics"]) == {"dev", "test", "test_unseen_engine"}
+        assert 0.0 <= result["metrics"]["test"]["wer"] and result["dev_curve"]
+        assert result["command"].startswith("python scripts/train.py") and result["commit"]
+    # the exported models are plain-CTC sized: the intermediate head is gone
+    plain, control = (json.load(open(tmp_path / "results" / f"{r}_s0.json")) for r in ("plain_ctc", "interctc"))
+    assert plain["exported_params"] == control["exported_params"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| plain_ctc | 0 |" in report and "| interctc | 0 |" in report and "<!-- ablation:end -->" in report
+    for png in ("ablation_dev_wer.png", "ablation_test_wer.png"):
+        assert (tmp_path / "plots" / png).stat().st_size > 1000
+
+    log = (tmp_path / "plain_ctc_s0" / "train.log").stat().st_size
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("already finished") == 2
+    assert (tmp_path / "plain_ctc_s0" / "train.log").stat().st_size == log  # nothing retrained
