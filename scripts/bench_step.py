@@ -61,6 +61,9 @@ VARIANTS = {
         "joint_lm": {"weight": 0.3},
     },
 }
+# Not a model: the LLM's own forward + backward-to-inputs on exactly the sequences interctc_llm_prefix_clm
+# feeds it (one pass per connector) -- the floor of that objective's extra cost over interctc.
+FLOOR = "llm_prefix_clm_floor"
 DEFAULT_VARIANTS = "plain,ours_ctc_only,interctc,interctc_selfcond"
 
 
@@ -110,6 +113,26 @@ def step_fn(model, batch, plain):
     return compose_loss(model.objectives, ctx, step=10**6, prefix="train")[0]
 
 
+def llm_floor_step(model, batch):
+    """A step function running only the LLM part of ``model``'s llm_prefix_clm on this batch's sequences."""
+    from nemo_ctcllm.objectives.common import transcripts
+    from nemo_ctcllm.objectives.llm_prefix_clm import build_sequences
+
+    term = model.objectives["llm_prefix_clm"]
+    with torch.no_grad():
+        ctx = model.step_context(batch, compute_wer=False)
+        seqs = [build_sequences(model.llm, *term.prompt(ctx, k), transcripts(ctx), term.instruction)
+                for k in term.blocks]  # per connector: embeds [B, L, H], labels [B, L], lengths [B]
+
+    def step():
+        for embeds, labels, lengths in seqs:
+            x = embeds.detach().requires_grad_(True)
+            _, loss = model.llm.forward_embeds(x, labels, lengths=lengths)
+            loss.backward()
+
+    return step
+
+
 def step_peak_mib(step) -> float:
     """Peak CPU memory allocated by PyTorch during one call of ``step()`` above what was allocated before it
     (activations, gradients, optimizer state growth; not the weights already held), from the profiler's
@@ -153,7 +176,10 @@ def main():
             return compose(config_name=args.config_name,
                            overrides=[f"model.tokenizer.dir={args.tokenizer}", *args.override, *extra]).model
 
-    names = args.variants.split(",")
+    names = [n for n in args.variants.split(",") if n != FLOOR]
+    floor = FLOOR in args.variants.split(",")
+    if floor and "interctc_llm_prefix_clm" not in names:
+        p.error(f"--variants {FLOOR} needs interctc_llm_prefix_clm too")
     models = {n: build(config(), VARIANTS[n]) for n in names}
     plain = {n: VARIANTS[n] is None for n in names}
     for spec in args.arch:
@@ -169,24 +195,26 @@ def main():
         targets[i, : len(t)] = torch.tensor(t)
     batch = (signal, lens, targets, torch.tensor([len(t) for t in ids]))
     opts = {n: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4) for n, m in models.items()}
-    times = {n: [] for n in names}
-    for it in range(args.warmup + args.steps):
-        for n in names:
-            t0 = time.perf_counter()
-            loss = step_fn(models[n], batch, plain=plain[n])
-            loss.backward()
-            opts[n].step()
-            opts[n].zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            if it >= args.warmup:
-                times[n].append(dt)
+
     def one_step(n):
         loss = step_fn(models[n], batch, plain=plain[n])
         loss.backward()
         opts[n].step()
         opts[n].zero_grad(set_to_none=True)
 
-    peaks = {n: step_peak_mib(lambda n=n: one_step(n)) for n in names}
+    steps = {n: (lambda n=n: one_step(n)) for n in names}
+    if floor:
+        steps[FLOOR] = llm_floor_step(models["interctc_llm_prefix_clm"], batch)
+        names.append(FLOOR)
+    times = {n: [] for n in names}
+    for it in range(args.warmup + args.steps):
+        for n in names:
+            t0 = time.perf_counter()
+            steps[n]()
+            dt = time.perf_counter() - t0
+            if it >= args.warmup:
+                times[n].append(dt)
+    peaks = {n: step_peak_mib(steps[n]) for n in names}
     base = statistics.median(times[names[0]])
     audio_s = float(lens.sum()) / 16000
     print(f"batch: {args.batch} utterances, {audio_s:.1f} s of audio; {args.steps} timed steps each, interleaved")
@@ -194,11 +222,16 @@ def main():
     results = {}
     for n in names:
         med = statistics.median(times[n])
-        params = sum(q.numel() for q in models[n].parameters() if q.requires_grad) / 1e6
+        params = sum(q.numel() for q in models[n].parameters() if q.requires_grad) / 1e6 if n in models else 0.0
         peak_ratio = peaks[n] / peaks[names[0]]
         results[n] = {"median_s": med, "ratio": med / base, "params_m": params, "peak_mib": peaks[n],
                       "peak_ratio": peak_ratio}
         print(f"{n:<26} {med:>14.3f} {med / base:>7.3f} {peaks[n]:>14.0f} {peak_ratio:>7.2f} {params:>11.2f}")
+    if floor and "interctc" in times:
+        extra = statistics.median(times["interctc_llm_prefix_clm"]) - statistics.median(times["interctc"])
+        results[FLOOR]["objective_extra_s"] = extra
+        print(f"llm_prefix_clm costs {extra:.3f} s/step over interctc; its floor (LLM fwd + bwd-to-inputs on the "
+              f"same sequences) is {statistics.median(times[FLOOR]):.3f} s: {extra / statistics.median(times[FLOOR]):.2f}x the floor")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
