@@ -249,9 +249,9 @@ def compose_loss(
 
     Labelled and unlabelled rows: a term with ``uses_unlabelled`` gets the whole batch; every other term gets
     :func:`labelled_view` (the batch itself when every row is labelled, so a labelled batch is computed exactly
-    as before). A term with no labelled row to read this step is skipped (not logged); it adds
-    ``0 * sum(its parameters)`` so that data-parallel gradient reduction still sees every parameter (a
-    ``tp_collective`` term is called anyway, see :class:`Objective`).
+    as before). A term with no labelled row to read this step is skipped (not logged; a ``tp_collective``
+    term is still called, see :class:`Objective`); it adds ``0 * sum(its parameters)`` so that data-parallel
+    gradient reduction still sees every parameter.
     Returns (total loss, logs).
     """
     total = ctx.log_probs.new_zeros(())
@@ -261,7 +261,9 @@ def compose_loss(
         logs[f"{prefix}/labelled_rows"] = ctx.labelled.sum().float()
     for name, term in terms.items():
         view = ctx if term.uses_unlabelled else labelled
-        if view.log_probs.shape[0] == 0 and not term.tp_collective:
+        if view.log_probs.shape[0] == 0:
+            if term.tp_collective:
+                term(view)  # joins the LLM's collectives of this step; nothing to add or log
             params = [p.sum() for p in term.parameters() if p.requires_grad]
             if params:
                 total = total + 0.0 * torch.stack(params).sum()

@@ -144,6 +144,7 @@ def hypotheses(ctx: StepContext, s: SearchSettings) -> Hypotheses:
 
 def word_errors(hyp_texts: Sequence[Sequence[str]], refs: Sequence[str]) -> Tuple[Tensor, Tensor]:
     """Word edit distance of each hypothesis to its reference [B, N] and reference word counts [B] (float)."""
+    n = len(hyp_texts[0]) if len(hyp_texts) else 0
     errors = torch.tensor([[float(edit_distance(r.split(), h.split())["total"]) for h in row]
-                           for row, r in zip(hyp_texts, refs)]).view(len(refs), -1)
+                           for row, r in zip(hyp_texts, refs)]).view(len(refs), n)
     return errors, torch.tensor([float(len(r.split())) for r in refs])

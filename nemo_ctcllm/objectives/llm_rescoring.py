@@ -55,26 +55,25 @@ class LlmRescoring(Objective):
     def forward(self, ctx: StepContext) -> Tuple[torch.Tensor, Stats]:
         if not runs_this_step(ctx, self.settings.every_n_steps):
             return ctx.log_probs.new_zeros(()), {}
-        hyps = hypotheses(ctx, self.settings)
+        hyps = hypotheses(ctx, self.settings)  # also on 0 rows: the LLM's TP group scores together
         B = hyps.valid.shape[0]
+        if B == 0:
+            return hyps.acoustic.sum(), {}
         errors, ref_words = word_errors(hyps.texts, transcripts(ctx))  # [B, N], [B]
         errors, ref_words = errors.to(hyps.acoustic), ref_words.to(hyps.acoustic)
         risk = errors / ref_words.clamp(min=1)[:, None] if self.normalize_risk else errors  # [B, N]
         post = hyps.posterior(self.settings)  # [B, N], grad through the acoustic scores
         baseline = masked_mean(risk, hyps.valid, dim=1)  # [B]
-        loss = (post * (risk - baseline[:, None])).sum() / max(B, 1)
-        stats: Stats = {}
-        if B:
-            rows = torch.arange(B, device=risk.device)
-            top, rescored = top_choices(hyps, self.settings)
-            words = ref_words.sum().clamp(min=1)
-            stats = {
-                "expected_risk": (post * risk).sum(1).mean().detach(),
-                "wer_acoustic_top": errors[rows, top].sum() / words,
-                "wer_rescored_top": errors[rows, rescored].sum() / words,
-                "top_changed": (top != rescored).float().mean(),
-            }
-        return loss, stats
+        loss = (post * (risk - baseline[:, None])).sum() / B
+        rows = torch.arange(B, device=risk.device)
+        top, rescored = top_choices(hyps, self.settings)
+        words = ref_words.sum().clamp(min=1)
+        return loss, {
+            "expected_risk": (post * risk).sum(1).mean().detach(),
+            "wer_acoustic_top": errors[rows, top].sum() / words,
+            "wer_rescored_top": errors[rows, rescored].sum() / words,
+            "top_changed": (top != rescored).float().mean(),
+        }
 
 
 @register_objective("llm_rescoring", defaults={**SEARCH_DEFAULTS, "normalize_risk": False})

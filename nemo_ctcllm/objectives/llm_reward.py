@@ -22,8 +22,9 @@ renormalised over the N-best, P_n = softmax_n(a_n), a_n = log p_CTC(y_n | x) (di
     g = -1/B sum_b sum_n P_bn (r_bn - b_b) ∇ log P_bn   = -∇ 1/B sum_b sum_n P_bn r_bn   (exactly)
 
   i.e. the exact gradient of the expected reward under the N-best posterior; since sum_n P_n ∇log P_n = 0,
-  every baseline (``batch_mean``: batch mean; ``utterance_mean``: the utterance's N-best mean) gives the same
-  gradient here: it is kept for a uniform config and only centres the surrogate.
+  every baseline that is constant within an utterance (``batch_mean``: the batch mean; ``utterance_mean``: the
+  utterance's N-best mean) gives the same gradient here: it is kept for a uniform config and only centres
+  the surrogate.
 
 The loss returned has the value -E[r] (mean reward of the samples / expected reward under P) and the
 gradient of the surrogate above (``value + surrogate - surrogate.detach()``). The LLM is frozen and sampled
@@ -64,19 +65,21 @@ SOURCES = ("sample", "nbest")
 BASELINES = ("none", "batch_mean", "utterance_mean")
 
 
-def leave_one_out_mean(r: Tensor, valid: Tensor, dim) -> Tensor:
-    """Mean of the *other* valid entries of r along ``dim`` (0 where there is no other), same shape as r."""
+def mean_of_others(r: Tensor, valid: Tensor, dim, leave_one_out: bool) -> Tensor:
+    """Mean of the valid entries of r along ``dim`` -- with ``leave_one_out`` of the *other* ones (0 where
+    there is no other) -- broadcast to r's shape."""
     v = valid.to(r.dtype)
     total, count = (r * v).sum(dim, keepdim=True), v.sum(dim, keepdim=True)
-    others = (count - v).clamp(min=1)
-    return torch.where(count - v > 0, (total - r * v) / others, torch.zeros_like(r))
+    if not leave_one_out:
+        return (total / count.clamp(min=1)).expand_as(r)
+    return torch.where(count - v > 0, (total - r * v) / (count - v).clamp(min=1), torch.zeros_like(r))
 
 
-def baseline_of(r: Tensor, valid: Tensor, kind: str) -> Tensor:
+def baseline_of(r: Tensor, valid: Tensor, kind: str, leave_one_out: bool) -> Tensor:
     """Baseline [B, S] for rewards r [B, S] (see the module docstring)."""
     if kind == "none":
         return torch.zeros_like(r)
-    return leave_one_out_mean(r, valid, dim=(0, 1) if kind == "batch_mean" else 1)
+    return mean_of_others(r, valid, (0, 1) if kind == "batch_mean" else 1, leave_one_out)
 
 
 def sample_paths(log_probs: Tensor, lengths: Tensor, num: int, generator=None) -> Tuple[Tensor, Tensor, Tensor]:
@@ -136,7 +139,8 @@ class LlmReward(Objective):
         logp, valid, texts, llm = self.samples(ctx)  # [B, S] each
         B = logp.shape[0]
         r = self.rewards(ctx, texts, llm) if B else llm  # [B, S]
-        adv = (r - baseline_of(r, valid, self.baseline)) * valid  # [B, S]
+        sampled = self.source == "sample"  # leave-one-out keeps the sampled estimator unbiased
+        adv = (r - baseline_of(r, valid, self.baseline, leave_one_out=sampled)) * valid  # [B, S]
         if self.source == "nbest":
             weight = logp.detach().exp() * valid  # P_n
             value = -(weight * r).sum() / max(B, 1)
