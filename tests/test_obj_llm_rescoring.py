@@ -129,3 +129,32 @@ def test_config_errors_name_the_key(tokenizer_dir, tiny_llm, block, message):
 
 def test_config_error_without_llm(tokenizer_dir):
     assert_config_error_without_llm(tokenizer_dir, "llm_rescoring")
+
+
+def test_llm_top_changed_on_a_manifest(tokenizer_dir, tiny_llm, demo_corpus, llm_process_group):
+    """The tool behind docs/RESULTS.md's "how often the LLM changes the top hypothesis" runs on real audio."""
+    from nemo_ctcllm.decoding.llm_rerank import llm_top_changed
+
+    model = make(tokenizer_dir, tiny_llm)
+    stats = llm_top_changed(model, model.llm, demo_corpus["dev"], nbest=(2, 4), lm_weights=(0.0, 1.0), batch_size=4)
+    assert set(stats) == {"n2_lm0.0", "n2_lm1.0", "n4_lm0.0", "n4_lm1.0"}
+    for name, s in stats.items():
+        assert s["utterances"] == 8 and 0.0 <= s["top_changed"] <= 1.0
+        assert s["wer_oracle"] <= min(s["wer_acoustic_top"], s["wer_rescored_top"]), name
+    for n in (2, 4):  # λ = 0: nothing changes
+        assert stats[f"n{n}_lm0.0"]["top_changed"] == 0.0
+        assert stats[f"n{n}_lm0.0"]["wer_rescored_top"] == stats[f"n{n}_lm0.0"]["wer_acoustic_top"]
+
+
+def test_recipe_blocks_build_when_enabled(tokenizer_dir, tiny_llm):
+    """The documented YAML blocks (off by default) are valid: enabled as written, they build."""
+    from omegaconf import OmegaConf
+
+    recipe = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "conformer_ctc_llm.yaml")
+    blocks = {}
+    for name in ("llm_rescoring", "llm_reward", "llm_pseudo_label"):
+        block = recipe.model.objectives[name]
+        assert block.enabled is False
+        blocks[name] = {**OmegaConf.to_container(block), "enabled": True}
+    model = make(tokenizer_dir, tiny_llm, **blocks)
+    assert {"llm_rescoring", "llm_reward", "llm_pseudo_label"} <= set(model.objectives)
