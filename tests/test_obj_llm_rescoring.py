@@ -158,3 +158,20 @@ def test_recipe_blocks_build_when_enabled(tokenizer_dir, tiny_llm):
         blocks[name] = {**OmegaConf.to_container(block), "enabled": True}
     model = make(tokenizer_dir, tiny_llm, **blocks)
     assert {"llm_rescoring", "llm_reward", "llm_pseudo_label"} <= set(model.objectives)
+
+
+@pytest.mark.parametrize("name", ["rescoring", "pseudo_label"])
+def test_batch_padding_changes_nothing(tokenizer_dir, tiny_llm, name, llm_process_group):
+    """Each utterance's loss is its own: the batch loss is the mean of each utterance alone, padding frames cut."""
+    model = make(tokenizer_dir, tiny_llm, **CONFIGS[name])
+    term = model.objectives[next(iter(CONFIGS[name]))]
+    ctx, _ = steered(model, strength=3.0)
+    with torch.no_grad():
+        batched, _ = term(ctx)
+        alone = []
+        for b, n in enumerate(ctx.encoded_len.tolist()):
+            row = dataclasses.replace(
+                ctx, log_probs=ctx.log_probs[b: b + 1, :n], encoded_len=ctx.encoded_len[b: b + 1],
+                targets=ctx.targets[b: b + 1], target_len=ctx.target_len[b: b + 1], cache={})
+            alone.append(term(row)[0])
+    torch.testing.assert_close(batched, torch.stack(alone).mean(), atol=1e-4, rtol=1e-4)

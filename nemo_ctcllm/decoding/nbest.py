@@ -113,7 +113,9 @@ def ctc_prefix_beam_search(
         is_ext = idx >= K
         src = torch.where(is_ext, (idx - K) // C, idx)  # [B, K] parent beam
         c = torch.where(is_ext, (idx - K) % C, -1)  # [B, K] emitted label
-        g = lambda v: v.gather(1, src)  # noqa: E731
+        def g(v: Tensor, src: Tensor = src) -> Tensor:
+            return v.gather(1, src)  # [B, K]: the chosen parent beam's value
+
         new_pb = torch.where(is_ext, ninf, g(stay_pb))
         new_pnb = torch.where(is_ext, ext.reshape(B, K * C).gather(1, (idx - K).clamp(min=0)), g(stay_pnb))
         cc = c.clamp(min=0)

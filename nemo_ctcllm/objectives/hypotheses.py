@@ -118,9 +118,6 @@ class Hypotheses:
         """P_n = softmax over the valid N-best of the combined score [B, N] (0 where not valid)."""
         return self.combined(s).softmax(-1).nan_to_num(0.0)
 
-    def flat_texts(self) -> List[str]:
-        return [t for row in self.texts for t in row]
-
 
 def hypotheses(ctx: StepContext, s: SearchSettings) -> Hypotheses:
     """The N-best of ``ctx.log_probs`` with acoustic and LLM scores (computed once per step and settings)."""

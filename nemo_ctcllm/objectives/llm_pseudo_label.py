@@ -29,8 +29,8 @@ from torch import Tensor
 from nemo_ctcllm.objectives.base import (
     ConfigError,
     Objective,
-    StepContext,
     Stats,
+    StepContext,
     check_bool,
     check_choice,
     check_number,

@@ -24,7 +24,7 @@ from typing import List, Tuple
 import torch
 from omegaconf import DictConfig
 
-from nemo_ctcllm.objectives.base import Objective, StepContext, Stats, check_bool, register_objective
+from nemo_ctcllm.objectives.base import Objective, Stats, StepContext, check_bool, register_objective
 from nemo_ctcllm.objectives.common import masked_mean, transcripts
 from nemo_ctcllm.objectives.hypotheses import (
     SEARCH_DEFAULTS,

@@ -42,8 +42,8 @@ from nemo_ctcllm.decoding.nbest import collapse_paths
 from nemo_ctcllm.objectives.base import (
     ConfigError,
     Objective,
-    StepContext,
     Stats,
+    StepContext,
     check_choice,
     check_int,
     check_number,
