@@ -95,7 +95,8 @@ class Objective(torch.nn.Module):
 
     Subclasses set ``name`` (unique term name, used in logs), ``weight`` and ``warmup_steps`` through
     ``super().__init__``, may list the encoder blocks they need in ``capture_blocks`` (1-based), and
-    implement ``forward(ctx) -> (loss, stats)``. ``needed_at_inference`` marks modules that change the
+    implement ``forward(ctx) -> (loss, stats)`` (``(None, {})``: the term does not run this step and is not
+    logged). ``needed_at_inference`` marks modules that change the
     encoder's forward pass (self-conditioning) and must survive export. ``uses_unlabelled`` marks an
     objective that reads rows without a transcript (``ctx.labelled``); every other objective is handed the
     labelled rows only (see :func:`compose_loss`). ``tp_collective`` marks an objective whose forward runs
@@ -269,6 +270,8 @@ def compose_loss(
                 total = total + 0.0 * torch.stack(params).sum()
             continue
         loss, stats = term(view)
+        if loss is None:  # the term does not run this step (e.g. every_n_steps)
+            continue
         w = term.effective_weight(step)
         if w != 0.0:
             total = total + w * loss

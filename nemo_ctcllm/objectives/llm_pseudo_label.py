@@ -19,7 +19,7 @@ The search and the LLM run without gradients; the loss reaches the encoder throu
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +64,9 @@ class LlmPseudoLabel(Objective):
         labelled = labelled.to(ctx.log_probs.device)
         return (labelled & self.use_labelled) | (~labelled & self.uses_unlabelled)
 
-    def forward(self, ctx: StepContext) -> Tuple[Tensor, Stats]:
+    def forward(self, ctx: StepContext) -> Tuple[Optional[Tensor], Stats]:
         if not runs_this_step(ctx, self.settings.every_n_steps):
-            return ctx.log_probs.new_zeros(()), {}
+            return None, {}
         hyps = hypotheses(ctx, self.settings)
         B, N = hyps.valid.shape
         a = hyps.acoustic  # [B, N] with grad

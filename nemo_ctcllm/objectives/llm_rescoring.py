@@ -19,7 +19,7 @@ changes the top hypothesis (``top_changed``). Off at inference: the model decode
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -52,9 +52,9 @@ class LlmRescoring(Objective):
         self.settings = settings
         self.normalize_risk = normalize_risk
 
-    def forward(self, ctx: StepContext) -> Tuple[torch.Tensor, Stats]:
+    def forward(self, ctx: StepContext) -> Tuple[Optional[torch.Tensor], Stats]:
         if not runs_this_step(ctx, self.settings.every_n_steps):
-            return ctx.log_probs.new_zeros(()), {}
+            return None, {}
         hyps = hypotheses(ctx, self.settings)  # also on 0 rows: the LLM's TP group scores together
         B = hyps.valid.shape[0]
         if B == 0:

@@ -32,7 +32,7 @@ texts are scored without gradient; gradients reach the encoder through the CTC l
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -133,9 +133,9 @@ class LlmReward(Objective):
         valid = torch.ones(B, S, dtype=torch.bool, device=path_lp.device)
         return path_lp, valid, texts, llm.view(B, S).to(path_lp)
 
-    def forward(self, ctx: StepContext) -> Tuple[Tensor, Stats]:
+    def forward(self, ctx: StepContext) -> Tuple[Optional[Tensor], Stats]:
         if not runs_this_step(ctx, self.settings.every_n_steps):
-            return ctx.log_probs.new_zeros(()), {}
+            return None, {}
         logp, valid, texts, llm = self.samples(ctx)  # [B, S] each
         B = logp.shape[0]
         r = self.rewards(ctx, texts, llm) if B else llm  # [B, S]
