@@ -250,9 +250,9 @@ def compose_loss(
 
     Labelled and unlabelled rows: a term with ``uses_unlabelled`` gets the whole batch; every other term gets
     :func:`labelled_view` (the batch itself when every row is labelled, so a labelled batch is computed exactly
-    as before). A term with no labelled row to read this step is skipped (not logged; a ``tp_collective``
-    term is still called, see :class:`Objective`); it adds ``0 * sum(its parameters)`` so that data-parallel
-    gradient reduction still sees every parameter.
+    as before). A term with no row to read this step is skipped (not logged; a ``tp_collective`` term is still
+    called, see :class:`Objective`), as is a term that returns ``(None, {})``; a skipped term adds
+    ``0 * sum(its parameters)`` so that data-parallel gradient reduction still sees every parameter.
     Returns (total loss, logs).
     """
     total = ctx.log_probs.new_zeros(())
@@ -262,15 +262,12 @@ def compose_loss(
         logs[f"{prefix}/labelled_rows"] = ctx.labelled.sum().float()
     for name, term in terms.items():
         view = ctx if term.uses_unlabelled else labelled
-        if view.log_probs.shape[0] == 0:
-            if term.tp_collective:
-                term(view)  # joins the LLM's collectives of this step; nothing to add or log
+        empty = view.log_probs.shape[0] == 0
+        loss, stats = term(view) if not empty or term.tp_collective else (None, {})  # a collective term always runs
+        if empty or loss is None:  # nothing this step (no row for it, every_n_steps, ...): not added, not logged
             params = [p.sum() for p in term.parameters() if p.requires_grad]
-            if params:
+            if params:  # but every parameter stays in the graph for data-parallel gradient reduction
                 total = total + 0.0 * torch.stack(params).sum()
-            continue
-        loss, stats = term(view)
-        if loss is None:  # the term does not run this step (e.g. every_n_steps)
             continue
         w = term.effective_weight(step)
         if w != 0.0:
