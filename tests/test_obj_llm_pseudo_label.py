@@ -66,7 +66,8 @@ def test_pseudo_label_losses(tokenizer_dir, tiny_llm, llm_process_group):
 
 def test_rows_without_a_transcript_reach_only_llm_pseudo_label(tokenizer_dir, tiny_llm, llm_process_group):
     semi = {"llm_pseudo_label": {"nbest": 3, "labelled": False, "unlabelled": True},
-            "interctc": {"blocks": [2], "weights": [0.3]}, "llm_rescoring": {"nbest": 3}}
+            "interctc": {"blocks": [2], "weights": [0.3]}, "llm_rescoring": {"nbest": 3},
+            "llm_reward": {"num_samples": 2}}
     model = make(tokenizer_dir, tiny_llm, **semi)
     assert model.semi_supervised
     signal, signal_len, targets, target_len = asr_batch(model, LLM_CORPUS)
@@ -77,7 +78,7 @@ def test_rows_without_a_transcript_reach_only_llm_pseudo_label(tokenizer_dir, ti
         term.register_forward_pre_hook(lambda m, args, name=name: record(seen, name, args[0]))
     ctx = model.step_context((signal, signal_len, targets, target_len), compute_wer=False)
     total, logs = compose_loss(model.objectives, ctx, step=0, prefix="train")
-    for name in ("ctc_final", "interctc_l2", "llm_rescoring"):
+    for name in ("ctc_final", "interctc_l2", "llm_rescoring", "llm_reward"):
         assert seen[name][0].tolist() == target_len[[0, 2]].tolist(), name
     assert seen["llm_pseudo_label"][0].tolist() == target_len.tolist()
     assert float(logs["train/labelled_rows"]) == 2 and float(logs["train/llm_pseudo_label_kept"]) == 0.5
@@ -90,7 +91,9 @@ def test_rows_without_a_transcript_reach_only_llm_pseudo_label(tokenizer_dir, ti
     model.zero_grad()
     ctx = model.step_context((signal, signal_len, targets, torch.zeros_like(target_len)), compute_wer=False)
     total, logs = compose_loss(model.objectives, ctx, step=0, prefix="train")
-    assert "train/ctc_final" not in logs and "train/llm_rescoring" not in logs and "train/llm_pseudo_label" in logs
+    assert not {"train/ctc_final", "train/interctc_l2", "train/llm_rescoring", "train/llm_reward"} & set(logs)
+    assert "train/llm_pseudo_label" in logs
+    assert [len(t) for t in seen["llm_reward"]] == [2, 0]  # called on no row: it joins the LLM's TP collectives
     total.backward()
     assert model.encoder.layers[0].feed_forward1.linear1.weight.grad.abs().sum() > 0
     # without an objective that reads unlabelled rows, an empty target is an ordinary all-blank CTC target
