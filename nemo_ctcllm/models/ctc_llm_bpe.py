@@ -61,6 +61,10 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         self._consecutive_bad = 0
         self._skip_this_step = False
         self._capture = sorted({b for t in self.objectives.values() for b in t.capture_blocks})
+        # Semi-supervised training: with an objective that reads unlabelled rows, an empty target (a manifest
+        # line without `text`) marks an unlabelled row; otherwise an empty target is an ordinary (all-blank)
+        # CTC target, as in NeMo.
+        self.semi_supervised = any(t.uses_unlabelled for t in self.objectives.values())
         if self._capture:
             # The Conformer encoder registers "interctc/layer_output_{l}" for these 0-based layers.
             AccessMixin.update_access_cfg(
@@ -151,6 +155,7 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             layers=layers,
             selfcond_log_probs=selfcond,
             compute_wer=compute_wer,
+            labelled=(target_len > 0) if self.semi_supervised else None,
         )
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -11,9 +11,10 @@ with its own name, weight and warm-up, and is logged under ``train/<name>``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -46,6 +47,11 @@ class StepContext:
         selfcond_log_probs: intermediate-head log-probs already computed inside the encoder by
             self-conditioning hooks, keyed by block index: k -> [B, T, V+1].
         compute_wer: whether objectives should also report WER this step (costly decoding).
+        labelled: [B] bool, rows that have a transcript, or None when every row has one. Only set when an
+            enabled objective uses unlabelled rows (semi-supervised training): a row with an empty target
+            (``target_len == 0``, a manifest line without ``text``) is then unlabelled. Objectives that need
+            a reference never see unlabelled rows (:func:`compose_loss` hands them :func:`labelled_view`).
+        cache: per-step results shared between objectives (e.g. the N-best), keyed by their settings.
     """
 
     model: "EncDecCTCLLMModelBPE"
@@ -59,6 +65,29 @@ class StepContext:
     layers: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     selfcond_log_probs: Dict[int, torch.Tensor] = field(default_factory=dict)
     compute_wer: bool = False
+    labelled: Optional[torch.Tensor] = None
+    cache: Dict[Any, Any] = field(default_factory=dict)
+
+
+def labelled_view(ctx: StepContext) -> StepContext:
+    """The batch restricted to its labelled rows (``ctx`` itself when every row is labelled; may have 0 rows).
+
+    Every per-row tensor (signal, encoder output, posteriors, targets, captured layers) is indexed by the
+    labelled rows, which keeps the graph: gradients of a restricted loss reach the full batch's encoder.
+    """
+    if ctx.labelled is None or bool(ctx.labelled.all()):
+        return ctx
+    rows = ctx.labelled.nonzero().squeeze(1)  # [B'], possibly empty
+    pick = lambda x: x.index_select(0, rows.to(x.device))  # noqa: E731
+    return dataclasses.replace(
+        ctx,
+        signal=pick(ctx.signal), signal_len=pick(ctx.signal_len),
+        encoded=pick(ctx.encoded), encoded_len=pick(ctx.encoded_len), log_probs=pick(ctx.log_probs),
+        targets=pick(ctx.targets), target_len=pick(ctx.target_len),
+        layers={k: (pick(out), pick(n)) for k, (out, n) in ctx.layers.items()},
+        selfcond_log_probs={k: pick(lp) for k, lp in ctx.selfcond_log_probs.items()},
+        labelled=None, cache={},
+    )
 
 
 class Objective(torch.nn.Module):
@@ -66,11 +95,18 @@ class Objective(torch.nn.Module):
 
     Subclasses set ``name`` (unique term name, used in logs), ``weight`` and ``warmup_steps`` through
     ``super().__init__``, may list the encoder blocks they need in ``capture_blocks`` (1-based), and
-    implement ``forward(ctx) -> (loss, stats)``. ``needed_at_inference`` marks modules that change the
-    encoder's forward pass (self-conditioning) and must survive export.
+    implement ``forward(ctx) -> (loss, stats)`` (``(None, {})``: the term does not run this step and is not
+    logged). ``needed_at_inference`` marks modules that change the
+    encoder's forward pass (self-conditioning) and must survive export. ``uses_unlabelled`` marks an
+    objective that reads rows without a transcript (``ctx.labelled``); every other objective is handed the
+    labelled rows only (see :func:`compose_loss`). ``tp_collective`` marks an objective whose forward runs
+    collectives of the LLM's tensor-parallel group: it is called every step, also on a batch with no row
+    for it (then it must return a zero loss), so that the ranks of the group stay in step.
     """
 
     needed_at_inference: bool = False
+    uses_unlabelled: bool = False
+    tp_collective: bool = False
 
     def __init__(self, name: str, weight: float, warmup_steps: int = 0, capture_blocks: Optional[List[int]] = None):
         super().__init__()
@@ -157,6 +193,12 @@ def check_number(value, key: str, low: float, high: float, low_open: bool = Fals
     return float(value)
 
 
+def check_bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def check_choice(value, key: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
@@ -205,12 +247,28 @@ def compose_loss(
     Every term is evaluated (also at weight 0 during warm-up, so that its curve is logged), its unweighted
     loss logged detached under ``<prefix>/<name>``, its current weight under ``<prefix>/weight/<name>`` and
     its stats under ``<prefix>/<name>_<stat>``.
+
+    Labelled and unlabelled rows: a term with ``uses_unlabelled`` gets the whole batch; every other term gets
+    :func:`labelled_view` (the batch itself when every row is labelled, so a labelled batch is computed exactly
+    as before). A term with no row to read this step is skipped (not logged; a ``tp_collective`` term is still
+    called, see :class:`Objective`), as is a term that returns ``(None, {})``; a skipped term adds
+    ``0 * sum(its parameters)`` so that data-parallel gradient reduction still sees every parameter.
     Returns (total loss, logs).
     """
     total = ctx.log_probs.new_zeros(())
     logs: Dict[str, torch.Tensor] = {}
+    labelled = labelled_view(ctx)
+    if ctx.labelled is not None:
+        logs[f"{prefix}/labelled_rows"] = ctx.labelled.sum().float()
     for name, term in terms.items():
-        loss, stats = term(ctx)
+        view = ctx if term.uses_unlabelled else labelled
+        empty = view.log_probs.shape[0] == 0
+        loss, stats = term(view) if not empty or term.tp_collective else (None, {})  # a collective term always runs
+        if empty or loss is None:  # nothing this step (no row for it, every_n_steps, ...): not added, not logged
+            params = [p.sum() for p in term.parameters() if p.requires_grad]
+            if params:  # but every parameter stays in the graph for data-parallel gradient reduction
+                total = total + 0.0 * torch.stack(params).sum()
+            continue
         w = term.effective_weight(step)
         if w != 0.0:
             total = total + w * loss

@@ -1,0 +1,147 @@
+"""What the hypothesis-side objectives share (``llm_rescoring``, ``llm_reward``, ``llm_pseudo_label``).
+
+The LLM judges what the CTC model outputs: per utterance the N best label sequences of the final CTC head
+(:func:`nemo_ctcllm.decoding.ctc_prefix_beam_search`, no grad), their acoustic log-probabilities
+a_n = log p_CTC(y_n | x) = -CTC(y_n) (differentiable: torch's CTC loss on the N hypotheses), and the frozen
+LLM's log-likelihood of their text l_n = log p_LLM(text_n + EOS | BOS) (summed over the LLM's tokens, or
+divided by their number), with text_n = the ASR tokenizer's ``ids_to_text`` of y_n (the vocabularies differ,
+so text crosses over). EOS is scored so that an empty or truncated hypothesis is not favoured.
+
+Combined score and posterior over the N-best (shallow-fusion style):  s_n = κ·a_n + λ·l_n,
+P_n = softmax_n(s_n). Only a_n carries gradient; the LLM is never differentiated.
+
+Tensor parallelism: every rank of the LLM's TP group must feed it identical inputs, so the hypothesis texts
+are gathered over the group, scored by every rank, and each keeps its own rows (:func:`llm_log_likelihood`).
+The N-best and its LLM scores are computed once per step and shared by every objective that asks for the
+same settings (``StepContext.cache``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+from kaldialign import edit_distance
+from torch import Tensor
+
+from nemo_ctcllm.decoding.nbest import ctc_prefix_beam_search, sequence_log_probs
+from nemo_ctcllm.llm.tp import gather_objects
+from nemo_ctcllm.objectives.base import (
+    ConfigError,
+    StepContext,
+    check_bool,
+    check_int,
+    check_number,
+)
+
+MAX_NBEST = 64
+# Keys of the N-best + LLM scoring step, shared by the hypothesis-side objectives' YAML blocks.
+SEARCH_DEFAULTS = {
+    "nbest": 8,                    # hypotheses per utterance
+    "beam_size": None,             # prefix beam width (>= nbest); null = nbest
+    "lm_weight": 0.5,              # λ in s = κ·a + λ·l
+    "acoustic_scale": 1.0,         # κ
+    "llm_length_normalize": False,  # l per LLM token instead of summed
+    "every_n_steps": 1,            # run on training steps with global_step % k == 0 (always in validation)
+}
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    nbest: int
+    beam_size: int
+    lm_weight: float
+    acoustic_scale: float
+    llm_length_normalize: bool
+    every_n_steps: int
+
+    @classmethod
+    def read(cls, block, key: str) -> "SearchSettings":
+        """Validate a block's search keys (a block without ``lm_weight``/``acoustic_scale`` gets 0 / 1)."""
+        nbest = check_int(block.nbest, f"{key}.nbest", 1, MAX_NBEST)
+        beam = block.beam_size
+        beam = nbest if beam is None else check_int(beam, f"{key}.beam_size", nbest, 4 * MAX_NBEST)
+        return cls(
+            nbest=nbest,
+            beam_size=beam,
+            lm_weight=check_number(block.get("lm_weight", 0.0), f"{key}.lm_weight", 0.0, 100.0),
+            acoustic_scale=check_number(block.get("acoustic_scale", 1.0), f"{key}.acoustic_scale", 0.0, 100.0,
+                                        low_open=True),
+            llm_length_normalize=check_bool(block.llm_length_normalize, f"{key}.llm_length_normalize"),
+            every_n_steps=check_int(block.every_n_steps, f"{key}.every_n_steps", 1),
+        )
+
+
+def require_llm(model, key: str) -> None:
+    """A hypothesis-side objective needs ``model.llm.checkpoint`` (checked at construction, loaded lazily)."""
+    llm = model.cfg.get("llm")
+    if llm is None or not llm.get("checkpoint"):
+        raise ConfigError(
+            f"{key} scores hypotheses with the LLM, but model.llm.checkpoint is not set: point it to a local "
+            "Hugging Face LLaMA folder (scripts/prepare_llm.py prepares the demo's SmolLM2)"
+        )
+
+
+def runs_this_step(ctx: StepContext, every_n_steps: int) -> bool:
+    """Every ``every_n_steps`` optimizer steps in training (the same step on every rank); always otherwise."""
+    model = ctx.model
+    return not model.training or every_n_steps == 1 or model.global_step % every_n_steps == 0
+
+
+@torch.no_grad()
+def llm_log_likelihood(host, texts: Sequence[str], normalize: bool) -> Tensor:
+    """log p_LLM(text + EOS | BOS) [R] fp32 of this rank's texts; texts gathered over the TP group first."""
+    all_texts, mine = gather_objects(list(texts))
+    if not all_texts:
+        return torch.zeros(0)
+    return host.score(all_texts, normalize=normalize, add_eos=True).float()[mine].cpu()
+
+
+@dataclass
+class Hypotheses:
+    """N-best of a batch. ids [B, N, L], lengths [B, N], valid [B, N] bool, texts [B][N] ('' if not valid),
+    acoustic [B, N] log p_CTC(y | x) with grad (0 where not valid), llm [B, N] fp32 no grad (0 where not valid)."""
+
+    ids: Tensor
+    lengths: Tensor
+    valid: Tensor
+    texts: List[List[str]]
+    acoustic: Tensor
+    llm: Tensor
+
+    def combined(self, s: SearchSettings) -> Tensor:
+        """s_n = κ·a_n + λ·l_n [B, N], -inf where not valid (grad through a_n)."""
+        score = s.acoustic_scale * self.acoustic + s.lm_weight * self.llm.to(self.acoustic)
+        return score.masked_fill(~self.valid, float("-inf"))
+
+    def posterior(self, s: SearchSettings) -> Tensor:
+        """P_n = softmax over the valid N-best of the combined score [B, N] (0 where not valid)."""
+        return self.combined(s).softmax(-1).nan_to_num(0.0)
+
+
+def hypotheses(ctx: StepContext, s: SearchSettings) -> Hypotheses:
+    """The N-best of ``ctx.log_probs`` with acoustic and LLM scores (computed once per step and settings)."""
+    key = ("hypotheses", s.nbest, s.beam_size, s.llm_length_normalize)
+    if key not in ctx.cache:
+        lp, lengths = ctx.log_probs, ctx.encoded_len  # [B, T, V+1], [B]
+        B = lp.shape[0]
+        nb = ctc_prefix_beam_search(lp.detach(), lengths, s.beam_size, s.nbest)  # ids [B, N, L]
+        valid = nb.valid  # [B, N]
+        tok = ctx.model.tokenizer
+        ids, lens = nb.ids.tolist(), nb.lengths.tolist()
+        texts = [[tok.ids_to_text(ids[b][n][: lens[b][n]]) if valid[b, n] else "" for n in range(s.nbest)]
+                 for b in range(B)]
+        acoustic = sequence_log_probs(lp, lengths, nb.ids, nb.lengths) if B else lp.new_zeros(0, s.nbest)
+        acoustic = torch.where(valid, acoustic, 0.0)  # [B, N]
+        llm = llm_log_likelihood(ctx.model.llm, [t for row in texts for t in row], s.llm_length_normalize)
+        llm = llm.view(B, s.nbest).to(lp.device).masked_fill(~valid, 0.0)  # [B, N]
+        ctx.cache[key] = Hypotheses(nb.ids, nb.lengths, valid, texts, acoustic, llm)
+    return ctx.cache[key]
+
+
+def word_errors(hyp_texts: Sequence[Sequence[str]], refs: Sequence[str]) -> Tuple[Tensor, Tensor]:
+    """Word edit distance of each hypothesis to its reference [B, N] and reference word counts [B] (float)."""
+    n = len(hyp_texts[0]) if len(hyp_texts) else 0
+    errors = torch.tensor([[float(edit_distance(r.split(), h.split())["total"]) for h in row]
+                           for row, r in zip(hyp_texts, refs)]).view(len(refs), n)
+    return errors, torch.tensor([float(len(r.split())) for r in refs])

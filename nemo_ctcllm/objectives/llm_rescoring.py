@@ -1,0 +1,84 @@
+"""``llm_rescoring``: language-aware training by in-training reranking with the frozen LLM (MWER-style).
+
+Per utterance, the CTC N-best y_1..y_N with acoustic log-probabilities a_n = log p_CTC(y_n | x) and LLM
+log-likelihoods l_n (:mod:`nemo_ctcllm.objectives.hypotheses`) are combined as in shallow fusion,
+s_n = κ·a_n + λ·l_n, and turned into a posterior over the N-best, P_n = softmax_n(s_n). The loss is the
+expected number of word errors under that posterior, with the N-best mean as baseline (minimum word error
+rate training, Prabhavalkar et al. 2018, arXiv 1712.01818; Shannon 2017 for the sequence-risk form):
+
+    L = 1/B sum_b sum_n P_bn (W_bn - mean_n W_bn)           W_bn = word errors of y_bn vs the reference
+                                                             (or errors / reference words with ``normalize_risk``)
+    dL/da_bn = κ P_bn (W_bn - sum_m P_bm W_bm) / B
+
+The baseline does not change the gradient (sum_n dP_n = 0); it centres the loss so that it logs the risk
+relative to the N-best. The gradient reaches the encoder through a_n only (-CTC of each hypothesis); the
+N-best search and the LLM run without gradients. As in the MWER literature the term is interpolated with the
+CTC loss: keep ``ctc_final`` in the composition (e.g. weight 1.0 there, 0.1-1.0 here). Logged: the expected
+risk, the word error rate of the acoustic top hypothesis and of the rescored top, and how often the LLM
+changes the top hypothesis (``top_changed``). Off at inference: the model decodes as plain CTC.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig
+
+from nemo_ctcllm.objectives.base import Objective, Stats, StepContext, check_bool, register_objective
+from nemo_ctcllm.objectives.common import masked_mean, transcripts
+from nemo_ctcllm.objectives.hypotheses import (
+    SEARCH_DEFAULTS,
+    SearchSettings,
+    hypotheses,
+    require_llm,
+    runs_this_step,
+    word_errors,
+)
+
+
+def top_choices(hyps, settings: SearchSettings) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices [B] of the acoustic best and of the LLM-rescored best hypothesis."""
+    acoustic = hyps.acoustic.detach().masked_fill(~hyps.valid, float("-inf"))
+    return acoustic.argmax(1), hyps.combined(settings).detach().argmax(1)
+
+
+class LlmRescoring(Objective):
+    """Expected word errors under the LLM-rescored N-best posterior (see the module docstring)."""
+
+    tp_collective = True
+
+    def __init__(self, name, weight, warmup_steps, settings: SearchSettings, normalize_risk: bool):
+        super().__init__(name, weight, warmup_steps)
+        self.settings = settings
+        self.normalize_risk = normalize_risk
+
+    def forward(self, ctx: StepContext) -> Tuple[Optional[torch.Tensor], Stats]:
+        if not runs_this_step(ctx, self.settings.every_n_steps):
+            return None, {}
+        hyps = hypotheses(ctx, self.settings)  # also on 0 rows: the LLM's TP group scores together
+        B = hyps.valid.shape[0]
+        if B == 0:
+            return hyps.acoustic.sum(), {}
+        errors, ref_words = word_errors(hyps.texts, transcripts(ctx))  # [B, N], [B]
+        errors, ref_words = errors.to(hyps.acoustic), ref_words.to(hyps.acoustic)
+        risk = errors / ref_words.clamp(min=1)[:, None] if self.normalize_risk else errors  # [B, N]
+        post = hyps.posterior(self.settings)  # [B, N], grad through the acoustic scores
+        baseline = masked_mean(risk, hyps.valid, dim=1)  # [B]
+        loss = (post * (risk - baseline[:, None])).sum() / B
+        rows = torch.arange(B, device=risk.device)
+        top, rescored = top_choices(hyps, self.settings)
+        words = ref_words.sum().clamp(min=1)
+        return loss, {
+            "expected_risk": (post * risk).sum(1).mean().detach(),
+            "wer_acoustic_top": errors[rows, top].sum() / words,
+            "wer_rescored_top": errors[rows, rescored].sum() / words,
+            "top_changed": (top != rescored).float().mean(),
+        }
+
+
+@register_objective("llm_rescoring", defaults={**SEARCH_DEFAULTS, "normalize_risk": False})
+def build_llm_rescoring(block: DictConfig, model, key: str) -> List[Objective]:
+    settings = SearchSettings.read(block, key)
+    normalize = check_bool(block.normalize_risk, f"{key}.normalize_risk")
+    require_llm(model, key)
+    return [LlmRescoring("llm_rescoring", block.weight, block.warmup_steps, settings, normalize)]
