@@ -5,13 +5,16 @@ The top-level ``data_checks`` block of the training config (not part of the mode
     data_checks:
       skip_bad_utterances: false  # false: refuse to start and list every bad line; true: train without them
       check_audio: true           # read each audio header (readable, mono, sample rate, length)
-      allow_unlabelled: false     # train lines without a 'text' key are unlabelled utterances (semi-supervised)
       min_duration: 0.05          # seconds; catches zero and absurd durations (the datasets' own
       max_duration: 3600.0        #   min/max_duration still filter as usual)
 
 With ``skip_bad_utterances`` the usable lines of each manifest are written to
 ``<log_dir>/checked_manifests/`` (audio paths made absolute) and the config is pointed there; the full
 list of skipped lines goes to ``<log_dir>/checked_manifests/skipped_lines.txt`` and the counts to the log.
+
+Semi-supervised training (an objective block with ``unlabelled: true``, e.g. ``llm_pseudo_label``): a train
+line without a ``text`` key is an unlabelled utterance and is kept; ``"text": ""`` is still a bad line (the
+batch could not tell it from an unlabelled one). Validation manifests always need text.
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ from nemo_ctcllm.objectives.base import ConfigError, check_number
 DATA_CHECK_DEFAULTS = {
     "skip_bad_utterances": False,
     "check_audio": True,
-    "allow_unlabelled": False,
     "min_duration": 0.05,
     "max_duration": 3600.0,
 }
@@ -57,12 +59,21 @@ def read_data_checks(cfg: Optional[DictConfig]) -> DictConfig:
     if unknown:
         raise ConfigError(f"data_checks: unknown key(s) {unknown}; allowed keys: {sorted(DATA_CHECK_DEFAULTS)}")
     merged = OmegaConf.create({**DATA_CHECK_DEFAULTS, **user})
-    for key in ("skip_bad_utterances", "check_audio", "allow_unlabelled"):
+    for key in ("skip_bad_utterances", "check_audio"):
         if not isinstance(merged[key], bool):
             raise ConfigError(f"data_checks.{key} must be true or false, got {merged[key]!r}")
     check_number(merged.min_duration, "data_checks.min_duration", 0.0, 1e6)
     check_number(merged.max_duration, "data_checks.max_duration", merged.min_duration, 1e6, low_open=True)
     return merged
+
+
+def uses_unlabelled(model_cfg: DictConfig) -> bool:
+    """Whether an enabled objective trains on unlabelled rows (its block has ``unlabelled: true``)."""
+    objectives = model_cfg.get("objectives") or {}
+    return any(
+        block is not None and block.get("unlabelled", False) is True and block.get("enabled", True)
+        for block in objectives.values()
+    )
 
 
 def load_tokenizer(model_cfg: DictConfig):
@@ -94,11 +105,12 @@ def check_training_data(cfg: DictConfig, log_dir: Optional[str] = None) -> Dict[
         frame_shift=frame_shift_seconds(model_cfg), tokenizer=load_tokenizer(model_cfg),
         sample_rate=model_cfg.get("sample_rate"),
     )
+    semi = uses_unlabelled(model_cfg)
     counts: Dict[str, int] = {}
     problems: List[str] = []
     rewritten: Dict[str, List[str]] = {}
     for split in ("train_ds", "validation_ds"):
-        check = CheckConfig(**{**base.__dict__, "require_text": not (split == "train_ds" and checks.allow_unlabelled)})
+        check = CheckConfig(**{**base.__dict__, "require_text": not (split == "train_ds" and semi)})
         paths = []
         for manifest in manifest_paths(model_cfg.get(split)):
             report = scan_manifest(manifest, check)
@@ -114,6 +126,8 @@ def check_training_data(cfg: DictConfig, log_dir: Optional[str] = None) -> Dict[
                 manifest = write_manifest(report.good, manifest, os.path.join(_out_dir(log_dir), name))
             paths.append(manifest)
         rewritten[split] = paths
+    if semi and counts.get("train_ds_kept", 0) and counts.get("train_unlabelled") == counts.get("train_ds_kept"):
+        logging.warning("every training line is unlabelled: only the objectives with unlabelled: true will train")
     if problems and not checks.skip_bad_utterances:
         raise ManifestError(
             problems, hint="\nfix these lines, or set data_checks.skip_bad_utterances=true to train without them"

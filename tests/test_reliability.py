@@ -392,3 +392,19 @@ def test_training_loader_resumes_at_the_same_batch(lhotse, demo_corpus, tokenize
     fresh.load_state_dict(state)
     assert epoch(fresh, 1) == rest  # epoch 1 continues after its 2nd batch
     assert len(epoch(fresh, 2)) == len(first) or lhotse  # and the next epoch is whole again
+
+
+def test_unlabelled_lines_are_accepted_only_for_semi_supervised_training(demo_corpus, tokenizer_dir, tmp_path):
+    good = read_manifest(demo_corpus["train"])[:3]
+    lines = [{k: e[k] for k in ("audio_filepath", "duration", "text")} for e in good]
+    lines[1].pop("text")  # unlabelled
+    manifest = _write(tmp_path / "mixed.json", lines)
+    cfg = _train_cfg(tokenizer_dir, manifest, demo_corpus["dev"], tmp_path)
+    with pytest.raises(ManifestError, match=r"mixed.json:2: missing 'text' \(unlabelled lines are not enabled\)"):
+        check_training_data(cfg, log_dir=str(tmp_path))
+    cfg.model.objectives.llm_pseudo_label = {"unlabelled": True}
+    assert check_training_data(cfg, log_dir=str(tmp_path))["train_unlabelled"] == 1
+    lines[1]["text"] = ""  # an empty transcript could not be told from an unlabelled row in the batch
+    _write(tmp_path / "mixed.json", lines)
+    with pytest.raises(ManifestError, match=r"mixed.json:2: empty 'text' \(''\): remove the 'text' key to mark"):
+        check_training_data(cfg, log_dir=str(tmp_path))

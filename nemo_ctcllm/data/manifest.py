@@ -144,6 +144,8 @@ def _line_problem(e: dict, manifest: str, cfg: CheckConfig) -> Optional[str]:
         return None if not cfg.require_text else "missing 'text' (unlabelled lines are not enabled)"
     text = e.get("text")
     if not isinstance(text, str) or not text.strip():
+        if not cfg.require_text:
+            return f"empty 'text' ({text!r}): remove the 'text' key to mark the line unlabelled, or give a transcript"
         return f"empty 'text' ({text!r})"
     if cfg.tokenizer is not None:
         ids = cfg.tokenizer.text_to_ids(text)
