@@ -183,8 +183,8 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         all-zero gradient (every trainable parameter takes part, so DDP's reducer stays in step) is returned.
         ``on_before_optimizer_step`` then drops the gradients, so the optimizer (AdamW: no moment or weight-
         decay update for parameters without a gradient) and an EMA target leave everything as it was."""
-        names = list(self.objectives)
-        finite = torch.isfinite(torch.stack([logs[f"train/{n}"].float() for n in names]))  # [terms]
+        names = [n for n in self.objectives if f"train/{n}" in logs]  # terms skipped this step are not logged
+        finite = torch.isfinite(torch.stack([logs[f"train/{n}"].float() for n in names] or [loss.detach()]))
         if bool(finite.all()) and bool(torch.isfinite(loss)):
             self._consecutive_bad = 0
             return loss
