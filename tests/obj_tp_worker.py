@@ -113,8 +113,9 @@ def asr_batch(model, texts, lengths=(16000, 12800, 9600, 11200), seed: int = 0):
     return signal, torch.tensor(lengths), targets, torch.tensor([len(r) for r in ids])
 
 
-def launch(mode: str, checkpoint, out_dir, nproc: int = 2, timeout: int = 180) -> list:
-    """Run this worker under torchrun; returns the per-rank result dicts."""
+def launch(mode: str, checkpoint, out_dir, nproc: int = 2, timeout: int = 180, script=None) -> list:
+    """Run this worker (or another worker ``script`` with the same command line) under torchrun; returns the
+    per-rank result dicts."""
     import socket
     import subprocess
     import sys
@@ -127,7 +128,7 @@ def launch(mode: str, checkpoint, out_dir, nproc: int = 2, timeout: int = 180) -
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(port), str(Path(__file__).resolve()),
+           "--master_addr", "127.0.0.1", "--master_port", str(port), str(Path(script or __file__).resolve()),
            "--mode", mode, "--out", str(out_dir), str(checkpoint)]
     proc = subprocess.run(cmd, env=env, cwd=tests.parent, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

@@ -48,7 +48,8 @@ def test_segments_follow_the_ctc_merge_rule():
     assert n.tolist() == [3] and tokens[0].tolist() == [0, 0, 1]
     assert seg[0].tolist() == [0, 0, -1, 1, 2, 2, -1, -1, -1]
     # unmappable token 1 is dropped, the remaining segments renumbered
-    seg, tokens, n = greedy_segments(frames(path), torch.tensor([7]), keep=torch.tensor([True, False, True, True, True]))
+    keep = torch.tensor([True, False, True, True, True])
+    seg, tokens, n = greedy_segments(frames(path), torch.tensor([7]), keep=keep)
     assert n.tolist() == [2] and tokens[0, :2].tolist() == [0, 0] and seg[0].tolist() == [0, 0, -1, 1] + [-1] * 5
 
 
