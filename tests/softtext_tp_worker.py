@@ -36,10 +36,11 @@ def make_tiny_bpe_llama(folder, vocab_size: int = 320, seed: int = 0):
     return str(folder)
 
 
-def softtext_inputs(rank: int, num_pieces: int):
-    """Rank-specific CTC log-probs [b, T, V+1] (a peaked random greedy path), lengths [b], transcripts [b]."""
+def softtext_inputs(rank: int, num_pieces: int, b=None):
+    """Rank-specific CTC log-probs [b, T, V+1] (a peaked random greedy path), lengths [b], transcripts [b]
+    (b = 2 + rank unless given)."""
     g = torch.Generator().manual_seed(300 + rank)
-    b, T = 2 + rank, 12
+    b, T = b or 2 + rank, 12
     lengths = torch.tensor([12, 9, 7][:b])
     logits = torch.randn(b, T, num_pieces + 1, generator=g)
     path = torch.randint(1, num_pieces + 1, (b, T), generator=g)  # piece 0 is <unk>; num_pieces = blank
@@ -70,6 +71,9 @@ def run_llm_lm_loss(host, pmap, rank: int) -> dict:
     return out
 
 
+LANG_BATCH = 3  # the same on every rank: DDP's mean of per-rank means is then the global mean
+
+
 def make_lang(hidden: int):
     from nemo_ctcllm.objectives.bridge import SoftHypothesis
     from nemo_ctcllm.objectives.lang_contrastive import LangContrastive
@@ -89,7 +93,7 @@ def lang_loss(obj, host, pmap, log_probs, lengths, texts):
 
 
 def run_lang_contrastive(host, pmap, rank: int) -> dict:
-    log_probs, lengths, texts = softtext_inputs(rank, pmap.matrix.shape[0])
+    log_probs, lengths, texts = softtext_inputs(rank, pmap.matrix.shape[0], b=LANG_BATCH)
     log_probs.requires_grad_(True)
     obj = make_lang(host.hidden_size)
     loss = lang_loss(obj, host, pmap, log_probs, lengths, texts)
