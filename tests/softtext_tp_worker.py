@@ -24,7 +24,7 @@ def make_tiny_bpe_llama(folder, vocab_size: int = 320, seed: int = 0):
     shipped sentences instead of its word-level one: every ASR piece then has an LM tokenization."""
     from conftest import REPO, make_tiny_llama
 
-    from nemo_ctcllm.data.lm_tokenizer import train_byte_level_bpe
+    from nemo_ctcllm.data.small_lm import train_byte_level_bpe
 
     make_tiny_llama(folder, seed=seed, vocab_size=vocab_size, num_key_value_heads=2)
     lines = (REPO / "nemo_ctcllm" / "data" / "sentences.txt").read_text().splitlines()
