@@ -58,6 +58,26 @@ VARIANTS = {
         "interctc": {"blocks": [3], "weights": [0.3]},
         "joint_lm": {"weight": 0.3},
     },
+    "interctc_llm_lm_loss": {  # needs --override model.llm.checkpoint=<LLM folder>
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "llm_lm_loss": {"weight": 0.1, "instruction": "Repeat:"},
+    },
+    "interctc_llm_lm_loss_fluency": {  # needs --override model.llm.checkpoint=<LLM folder>
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "llm_lm_loss": {"weight": 0.1, "target": "hypothesis"},
+    },
+    "interctc_mlm": {  # the masked LM of `python scripts/train_mlm.py --out artifacts/mlm/bert-mlm-wordnet`
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "mlm": {"weight": 0.1, "model_dir": os.path.join(REPO, "artifacts", "mlm", "bert-mlm-wordnet")},
+    },
+    "interctc_lang_contrastive": {  # needs --override model.llm.checkpoint=<LLM folder>
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "lang_contrastive": {"weight": 0.1},
+    },
 }
 DEFAULT_VARIANTS = "plain,ours_ctc_only,interctc,interctc_selfcond"
 
