@@ -96,7 +96,9 @@ def main():
         ids, lengths = encode(tokenizer, [train[i] for i in idx], args.max_len)
         inputs, labels = mask_tokens(ids, lengths, tokenizer, 0.15, g, train=True)
         attn = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
-        loss = model(input_ids=inputs, attention_mask=attn, labels=labels).loss
+        hidden = model.bert(input_ids=inputs, attention_mask=attn).last_hidden_state  # [B, L, H]
+        sel = labels != -100  # the MLM head only where there is a target (~15 %: most of the output layer's cost)
+        loss = torch.nn.functional.cross_entropy(model.cls(hidden[sel]), labels[sel])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

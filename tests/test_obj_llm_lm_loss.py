@@ -78,6 +78,22 @@ def test_gradient_reaches_encoder_not_llm(tokenizer_dir, tiny_llm, target, estim
     assert list(term.parameters()) == [] and term.state_dict() == {}  # the piece map is never saved
 
 
+def test_gumbel_is_deterministic_out_of_training(tokenizer_dir, tiny_llm, llm_process_group):
+    """Validation draws no Gumbel noise: the loss is the ``expected`` estimator's, every time."""
+    model = make(tokenizer_dir, tiny_llm, estimator="gumbel", gumbel_tau=0.5)
+    model.eval()
+    term = model.objectives["llm_lm_loss"]
+    with torch.no_grad():
+        ctx = model.step_context(nonblank_batch(model), compute_wer=False)
+        first, second = term(ctx)[0], term(ctx)[0]
+        term.reader.estimator = "expected"
+        expected = term(ctx)[0]
+        term.reader.estimator = "gumbel"
+        term.train()
+        noisy = term(ctx)[0]
+    assert first == second == expected and noisy != expected
+
+
 def test_overfits_one_batch(tokenizer_dir, tiny_llm, llm_process_group):
     """30 Adam steps on the final head's logits (a free tensor; the encoder's gradient is checked above) lower
     the reference loss: the hypothesis is pushed towards what makes the reference predictable."""

@@ -149,10 +149,9 @@ def greedy_segments(log_probs: Tensor, lengths: Tensor, keep: Optional[Tensor] =
     seg = torch.cumsum(start.long(), 1) - 1  # [B, T]
     seg = torch.where(valid, seg, -1)
     if keep is not None:  # drop segments of unmappable tokens and renumber the rest
-        kept_start = start & keep.to(best.device)[best.clamp(max=blank - 1)]  # [B, T]
-        frame_kept = valid & keep.to(best.device)[best.clamp(max=blank - 1)]
-        seg = torch.where(frame_kept, torch.cumsum(kept_start.long(), 1) - 1, -1)
-        start = kept_start
+        kept = keep.to(best.device)[best.clamp(max=blank - 1)]  # [B, T] (blank frames are not valid anyway)
+        start = start & kept
+        seg = torch.where(valid & kept, torch.cumsum(start.long(), 1) - 1, -1)
     n_seg = start.sum(1)  # [B]
     N = max(int(n_seg.max()) if B else 0, 1)
     tokens = torch.zeros(B, N, dtype=torch.long, device=best.device)  # [B, N]
@@ -263,9 +262,16 @@ class SoftHypothesis:
         self.head_block, self.estimator, self.tau, self.hard = head_block, estimator, tau, hard
         self.pmap: Optional[PieceMap] = None
 
-    def __call__(self, ctx, lm_tokenizer, embed: Callable[[Tensor], Tensor]) -> SoftText:
+    def __call__(self, ctx, lm_tokenizer, embed: Callable[[Tensor], Tensor], training: bool = True) -> SoftText:
+        """The soft hypothesis of ``ctx``. Out of training (validation) ``gumbel`` draws no noise: it becomes
+        ``expected`` (``straight_through`` with ``gumbel_hard``), so that validation losses are deterministic."""
         if self.pmap is None:
             pieces, special = asr_pieces(ctx.model.tokenizer)
             self.pmap = PieceMap.build(pieces, special, lm_tokenizer, embed)
         log_probs, lengths = head_log_probs(ctx, self.head_block)  # [B, T, V+1], [B]
-        return bridge(log_probs, lengths, self.pmap, self.estimator, self.tau, self.hard)
+        if self.pmap.matrix.device != log_probs.device:  # once, not every step
+            self.pmap = self.pmap.to(log_probs.device)
+        estimator = self.estimator
+        if not training and estimator == "gumbel":
+            estimator = "straight_through" if self.hard else "expected"
+        return bridge(log_probs, lengths, self.pmap, estimator, self.tau, self.hard)

@@ -75,7 +75,7 @@ class LangContrastive(ClipObjective):
 
     def forward(self, ctx: StepContext) -> Tuple[Tensor, Stats]:
         host, texts = ctx.model.llm, transcripts(ctx)
-        soft = self.reader(ctx, host.tokenizer, host.embed)
+        soft = self.reader(ctx, host.tokenizer, host.embed, self.training)
         pooled = pooled_soft_hidden(host, soft).to(ctx.log_probs.device)  # [B, H]
         loss, stats = self.contrastive(pooled, self.text_features(host, texts), texts)
         return loss, {**stats, "hyp_tokens": soft.lengths.float().mean().detach()}

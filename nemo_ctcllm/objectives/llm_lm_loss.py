@@ -97,7 +97,7 @@ class LLMLMLoss(Objective):
 
     def forward(self, ctx: StepContext) -> Tuple[Tensor, Stats]:
         host = ctx.model.llm
-        soft = self.reader(ctx, host.tokenizer, host.embed)
+        soft = self.reader(ctx, host.tokenizer, host.embed, self.training)
         loss = llm_lm_loss(host, soft, transcripts(ctx), self.target, self.reader.pmap.first_token, self.instruction)
         stats = {"hyp_tokens": soft.lengths.float().mean().detach()}
         return loss.to(ctx.log_probs.device), stats

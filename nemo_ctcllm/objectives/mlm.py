@@ -32,7 +32,9 @@ out of the module tree (never in ``state_dict``, the ``.nemo`` or the optimizer)
 step from ``model_dir``. ``finetune: true``: the MLM is loaded at construction and registered as a submodule,
 so the optimizer trains it on the same loss (it learns to predict the CTC transcriptions of the training
 audio, the "fine-tuned" variant of the issue); its input embeddings stay frozen so that M_mlm stays valid.
-Either way it is training-only and dropped at export.
+Either way it is training-only and dropped at export. (The issue's other route, a prediction head on the
+encoder that predicts masked tokens, needs no external MLM and is the territory of ``joint_lm``; it is not
+duplicated here.)
 
 Any Hugging Face ``AutoModelForMaskedLM`` folder works (BERT, DistilBERT, RoBERTa, ...; it must accept
 ``inputs_embeds`` and have a mask token). ``scripts/train_mlm.py`` trains the default one (a small BERT with a
@@ -150,7 +152,7 @@ class MaskedLMObjective(Objective):
     def forward(self, ctx: StepContext) -> Tuple[Tensor, Stats]:
         mlm, tok = self.masked_lm(ctx.log_probs.device)
         emb = mlm.get_input_embeddings()
-        soft = self.reader(ctx, tok, lambda ids: emb(ids.to(emb.weight.device)))
+        soft = self.reader(ctx, tok, lambda ids: emb(ids.to(emb.weight.device)), self.training)
         mask = draw_mask(soft.lengths, soft.tokens.shape[1], self.mask_prob)  # [B, N]
         if not mask.any():  # every hypothesis is empty: nothing to predict
             zero = ctx.log_probs.sum() * 0.0
