@@ -2,14 +2,17 @@
 """Train the small BERT masked LM that the ``mlm`` objective uses by default, on the shipped text corpus.
 
 No PyPI package ships a BERT with its masked-LM head, so the demo makes one: a byte-level BPE tokenizer
-(``tokenizers``) and a small ``BertForMaskedLM`` from a config (``transformers``), trained with BERT's masking
+(``tokenizers``), or with ``--asr-tokenizer`` the ASR model's own SentencePiece pieces (recommended: the
+bridge then maps every ASR piece to exactly one MLM token, and the MLM has read text segmented the way the CTC
+head segments it), and a small ``BertForMaskedLM`` from a config (``transformers``), trained with BERT's masking
 (15 %; 80/10/10) on WordNet's example sentences (``nemo_ctcllm/data/sentences.txt``), minus a held-out test
 split of distinct sentences. It reports the masked-token accuracy on the test split (every chosen position
 masked) against the unigram baseline (always predict the training corpus' most frequent token), and the
 cross-entropy against the unigram distribution's, and writes a Hugging Face folder (model + tokenizer +
 ``mlm_eval.json``) that ``model.objectives.mlm.model_dir`` accepts, like any ``AutoModelForMaskedLM`` folder.
 
-    python scripts/train_mlm.py --out artifacts/mlm/bert-mlm-wordnet          # a few minutes on 2 CPU cores
+    python scripts/train_mlm.py --out artifacts/mlm/bert-mlm-wordnet \
+        --asr-tokenizer artifacts/tokenizers/tokenizer_spe_bpe_v128           # a few minutes on 2 CPU cores
 """
 import argparse
 import json
@@ -24,18 +27,26 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from nemo_ctcllm.data.small_lm import bert_mlm, encode, mask_tokens, read_sentences, train_byte_level_bpe  # noqa: E402
+from nemo_ctcllm.data.small_lm import (  # noqa: E402
+    bert_mlm,
+    encode,
+    mask_tokens,
+    piece_ids,
+    piece_tokenizer,
+    read_sentences,
+    train_byte_level_bpe,
+)
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, sentences, max_len, unigram_logp, batch=256, seed=1):
+def evaluate(model, tokenizer, sentences, max_len, unigram_logp, to_ids=None, batch=256, seed=1):
     """Masked-token accuracy and cross-entropy of the MLM and of the unigram baseline on fixed masks."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     hits = base_hits = n = 0
     ce = base_ce = 0.0
     for i in range(0, len(sentences), batch):
-        ids, lengths = encode(tokenizer, sentences[i: i + batch], max_len)
+        ids, lengths = encode(tokenizer, sentences[i: i + batch], max_len, to_ids)
         inputs, labels = mask_tokens(ids, lengths, tokenizer, 0.15, g, train=False)
         attn = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
         logits = model(input_ids=inputs, attention_mask=attn).logits  # [B, L, V]
@@ -56,15 +67,19 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
     p.add_argument("--corpus", default=os.path.join(REPO, "nemo_ctcllm", "data", "sentences.txt"))
-    p.add_argument("--vocab-size", type=int, default=2000)
+    p.add_argument("--asr-tokenizer", default=None,
+                   help="NeMo SentencePiece tokenizer folder (or .model): the MLM's vocabulary is then exactly the "
+                        "ASR pieces, so the mlm objective's bridge maps each piece to one MLM token (recommended: "
+                        "the tokenizer of the ASR model it will train)")
+    p.add_argument("--vocab-size", type=int, default=1000, help="byte-level BPE size (without --asr-tokenizer)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--max-len", type=int, default=64, help="positions, [CLS] and [SEP] included")
+    p.add_argument("--max-len", type=int, default=128, help="positions, [CLS] and [SEP] included")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--test-fraction", type=float, default=0.05)
     p.add_argument("--max-minutes", type=float, default=8.0, help="stop training after this wall time")
     p.add_argument("--seed", type=int, default=0)
@@ -75,12 +90,19 @@ def main():
     random.Random(args.seed).shuffle(sentences)
     n_test = max(1, int(len(sentences) * args.test_fraction))
     test, train = sentences[:n_test], sentences[n_test:]
-    tokenizer = train_byte_level_bpe(train, args.vocab_size)  # the tokenizer never sees the test split either
+    to_ids = None
+    if args.asr_tokenizer:
+        sp_model = args.asr_tokenizer
+        if os.path.isdir(sp_model):
+            sp_model = os.path.join(sp_model, "tokenizer.model")
+        tokenizer, to_ids = piece_tokenizer(sp_model), piece_ids(sp_model)
+    else:
+        tokenizer = train_byte_level_bpe(train, args.vocab_size)  # it never sees the test split either
     model = bert_mlm(tokenizer, args.hidden, args.layers, args.heads, args.max_len)
 
     counts = torch.zeros(len(tokenizer))
     for i in range(0, len(train), 1024):
-        ids, lengths = encode(tokenizer, train[i: i + 1024], args.max_len)
+        ids, lengths = encode(tokenizer, train[i: i + 1024], args.max_len, to_ids)
         inner = (torch.arange(ids.shape[1])[None] >= 1) & (torch.arange(ids.shape[1])[None] < (lengths - 1)[:, None])
         counts += torch.bincount(ids[inner], minlength=len(tokenizer)).float()
     unigram_logp = ((counts + 1) / (counts + 1).sum()).log()  # add-one smoothed
@@ -93,7 +115,7 @@ def main():
     model.train()
     while step < args.steps and time.time() - start < 60 * args.max_minutes:
         idx = torch.randint(len(train), (args.batch,), generator=g).tolist()
-        ids, lengths = encode(tokenizer, [train[i] for i in idx], args.max_len)
+        ids, lengths = encode(tokenizer, [train[i] for i in idx], args.max_len, to_ids)
         inputs, labels = mask_tokens(ids, lengths, tokenizer, 0.15, g, train=True)
         attn = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
         hidden = model.bert(input_ids=inputs, attention_mask=attn).last_hidden_state  # [B, L, H]
@@ -108,7 +130,7 @@ def main():
         if step % 200 == 0:
             print(f"step {step}  loss {loss.item():.3f}  {time.time() - start:.0f} s", flush=True)
 
-    metrics = evaluate(model, tokenizer, test, args.max_len, unigram_logp)
+    metrics = evaluate(model, tokenizer, test, args.max_len, unigram_logp, to_ids)
     metrics.update({"train_sentences": len(train), "test_sentences": len(test), "steps": step,
                     "train_minutes": (time.time() - start) / 60, "vocab_size": len(tokenizer),
                     "params_m": sum(q.numel() for q in model.parameters()) / 1e6, "args": vars(args)})

@@ -18,7 +18,7 @@ from conftest import LLM_CORPUS, REPO, overfit, tiny_model_cfg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from obj_tp_worker import asr_batch  # noqa: E402
 
-from nemo_ctcllm.data.small_lm import bert_mlm, read_sentences, train_byte_level_bpe  # noqa: E402
+from nemo_ctcllm.data.small_lm import PIECE_OFFSET, bert_mlm, read_sentences, train_byte_level_bpe  # noqa: E402
 from nemo_ctcllm.export import strip_for_inference  # noqa: E402
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE  # noqa: E402
 from nemo_ctcllm.objectives import ConfigError  # noqa: E402
@@ -207,7 +207,7 @@ def test_train_mlm_script_writes_a_folder_the_objective_accepts(tokenizer_dir, t
     out = tmp_path / "mlm"
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train_mlm.py"), "--out", str(out), "--corpus", str(corpus),
-         "--vocab-size", "300", "--hidden", "16", "--layers", "1", "--steps", "3", "--batch", "8",
+         "--asr-tokenizer", tokenizer_dir, "--hidden", "16", "--layers", "1", "--steps", "3", "--batch", "8",
          "--warmup", "1", "--test-fraction", "0.1"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "mlm_eval.json").read_text())
@@ -220,3 +220,10 @@ def test_train_mlm_script_writes_a_folder_the_objective_accepts(tokenizer_dir, t
     ctx = model.step_context(asr_batch(model, LLM_CORPUS[:2]), compute_wer=False)
     loss, _ = model.objectives["mlm"](ctx)
     assert torch.isfinite(loss)
+    # the MLM's vocabulary is the ASR pieces: the piece map is exact (piece v = MLM token v + 4, <unk> excluded)
+    pmap = model.objectives["mlm"].reader.pmap
+    V = model.tokenizer.vocab_size
+    assert pmap.mappable.tolist() == [False] + [True] * (V - 1)
+    assert pmap.first_token[1:].tolist() == [v + PIECE_OFFSET for v in range(1, V)]
+    mlm, _ = load_mlm(str(out))
+    torch.testing.assert_close(pmap.matrix[1:], mlm.get_input_embeddings().weight[PIECE_OFFSET + 1: PIECE_OFFSET + V])

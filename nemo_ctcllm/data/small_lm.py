@@ -1,5 +1,5 @@
-"""A small masked LM trained here (``scripts/train_mlm.py``, the ``mlm`` objective's default): its byte-level
-BPE tokenizer, the BERT it is, the masking that trains and evaluates it.
+"""A small masked LM trained here (``scripts/train_mlm.py``, the ``mlm`` objective's default): its tokenizer
+(byte-level BPE, or the ASR tokenizer's own pieces), the BERT it is, the masking that trains and evaluates it.
 
 Byte-level BPE (GPT-2 style, ``Ġ`` marks a leading space) tokenizes any string, so every SentencePiece piece of
 the ASR tokenizer has a clean tokenization (``▁the`` -> `` the`` -> ``Ġthe``, word-internal ``ing`` -> ``ing``):
@@ -57,11 +57,18 @@ def bert_mlm(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 2, max_
     return BertForMaskedLM(cfg)
 
 
-def encode(tokenizer, sentences, max_len: int):
-    """[CLS] tokens [SEP] ids per sentence (truncated to ``max_len``): right-padded ids [B, L] and lengths [B]."""
+def encode(tokenizer, sentences, max_len: int, to_ids=None):
+    """[CLS] tokens [SEP] ids per sentence (truncated to ``max_len``): right-padded ids [B, L] and lengths [B].
+
+    ``to_ids(sentence) -> ids``: how a sentence becomes tokens (default: ``tokenizer`` on :func:`lm_text`).
+    """
     import torch
 
-    rows = [tokenizer(lm_text(s), add_special_tokens=False)["input_ids"][: max_len - 2] for s in sentences]
+    if to_ids is None:
+        def to_ids(sentence):
+            return tokenizer(lm_text(sentence), add_special_tokens=False)["input_ids"]
+
+    rows = [to_ids(s)[: max_len - 2] for s in sentences]
     rows = [[tokenizer.cls_token_id, *r, tokenizer.sep_token_id] for r in rows]
     ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id, dtype=torch.long)
     for b, r in enumerate(rows):
@@ -90,3 +97,42 @@ def mask_tokens(ids, lengths, tokenizer, prob: float, generator, train: bool):
     rand = chosen & (how >= 0.8) & (how < 0.9)
     inputs[rand] = torch.randint(5, len(tokenizer), (int(rand.sum()),), generator=generator)
     return inputs, labels
+
+
+# ---------------------------------------------------------------------------------------------- an MLM over ASR pieces
+PIECE_OFFSET = 4  # <pad> <s> </s> <mask> come first; SentencePiece id i is MLM id i + 4 (its <unk> the MLM's unk)
+
+
+def piece_tokenizer(sp_model_path: str):
+    """A ``PreTrainedTokenizerFast`` whose vocabulary is the ASR tokenizer's SentencePiece pieces (+ specials).
+
+    An MLM trained on these ids reads exactly the sequences the bridge gives it: every ASR piece is one MLM
+    token (the bridge's piece map is then exact, no mean embedding, no foreign segmentation). Training text is
+    encoded by the SentencePiece model itself (:func:`piece_ids`); this tokenizer only has to find each piece
+    by its surface text (``▁the`` read as `` the``), which a Unigram model over the pieces (equal scores: fewest
+    pieces wins) with a ``▁`` Metaspace pre-tokenizer that adds no prefix does exactly.
+    """
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model_path))
+    if not sp.is_unknown(0):
+        raise ValueError(f"{sp_model_path}: expected the unknown piece at id 0 (NeMo's SentencePiece layout)")
+    vocab = [("<pad>", 0.0), ("<s>", 0.0), ("</s>", 0.0), ("<mask>", 0.0)]
+    # every piece scores -1: Viterbi then picks the fewest pieces, so a piece's own text is that one piece
+    vocab += [(sp.id_to_piece(i), -1.0) for i in range(sp.get_piece_size())]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=PIECE_OFFSET))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   cls_token="<s>", sep_token="</s>", mask_token="<mask>",
+                                   unk_token=sp.id_to_piece(0))
+
+
+def piece_ids(sp_model_path: str):
+    """sentence -> MLM ids of its ASR pieces (the SentencePiece model's own segmentation)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model_path))
+    return lambda sentence: [i + PIECE_OFFSET for i in sp.encode(sentence)]
