@@ -68,7 +68,7 @@ def hypothesis_clm(host, soft: SoftText, first_token: Tensor) -> Tensor:
     for b, n in enumerate(soft.lengths.tolist()):
         rows.append(torch.cat([bos, soft.embeds[b, :n]]))  # [1+n, H]
         lab = torch.full((1 + n,), IGNORE_INDEX, dtype=torch.long, device=soft.embeds.device)
-        lab[:n] = first_token.to(lab.device)[soft.tokens[b, :n]]  # position i predicts piece i (after BOS)
+        lab[:n] = first_token.to(lab.device)[soft.tokens[b, :n]]  # position i (0 = BOS) predicts piece i (0-based)
         labels.append(lab)
     lengths = torch.tensor([r.shape[0] for r in rows], device=soft.embeds.device)  # [b]
     embeds = pad_sequence(rows, batch_first=True)  # [b, L, H]
