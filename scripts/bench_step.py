@@ -67,6 +67,26 @@ VARIANTS = {
        for n in (4, 8, 16)},
     "llm_reward_sample4": {"ctc_final": {"weight": 1.0}, "llm_reward": {"weight": 0.05, "num_samples": 4}},
     "llm_pseudo_label_n8": {"ctc_final": {"weight": 1.0}, "llm_pseudo_label": {"weight": 0.3, "nbest": 8}},
+    "interctc_llm_lm_loss": {  # needs --override model.llm.checkpoint=<LLM folder>
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "llm_lm_loss": {"weight": 0.1, "instruction": "Repeat:"},
+    },
+    "interctc_llm_lm_loss_fluency": {  # needs --override model.llm.checkpoint=<LLM folder>
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "llm_lm_loss": {"weight": 0.1, "target": "hypothesis"},
+    },
+    "interctc_mlm": {  # the masked LM of `python scripts/train_mlm.py --out artifacts/mlm/bert-mlm-wordnet`
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "mlm": {"weight": 0.1, "model_dir": os.path.join(REPO, "artifacts", "mlm", "bert-mlm-wordnet")},
+    },
+    "interctc_lang_contrastive": {  # needs --override model.llm.checkpoint=<LLM folder>
+        "ctc_final": {"weight": 0.7},
+        "interctc": {"blocks": [3], "weights": [0.3]},
+        "lang_contrastive": {"weight": 0.1},
+    },
 }
 # Not a model: the LLM's own forward + backward-to-inputs on exactly the sequences interctc_llm_prefix_clm
 # feeds it (one pass per connector) -- the floor of that objective's extra cost over interctc.

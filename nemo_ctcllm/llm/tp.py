@@ -160,3 +160,33 @@ def gather_objects(items: Sequence, g: Optional[Group] = None) -> Tuple[list, sl
     dist.all_gather_object(parts, items, group=g.group)
     offset = sum(len(p) for p in parts[: g.rank])
     return [x for p in parts for x in p], slice(offset, offset + len(items))
+
+
+class _MeanGrad(torch.autograd.Function):
+    """Identity forward; backward: the mean of the incoming gradient over the group."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, g: Group) -> Tensor:
+        ctx.g = g
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.g.group)
+        return grad / ctx.g.size, None
+
+
+def mean_grad_over_tp(x: Tensor, g: Optional[Group] = None) -> Tensor:
+    """Make the gradient reaching an LLM *output* identical on every TP rank (its mean over the group).
+
+    Megatron's tensor-parallel backward assumes every TP rank back-propagates the same output gradient. An
+    objective whose per-rank loss differs (e.g. a contrastive loss whose queries are this rank's rows) breaks
+    that; with this on the LLM output, rank r back-propagates (1/N) sum_s dL_s/dy, the LLM returns
+    (1/N) d(sum_s L_s)/dX on every rank, and :func:`gather_rows`' backward (sum over the group, own slice)
+    then gives rank r the gradient of sum_s L_s w.r.t. its own rows, as at TP=1 with DP. No-op at size 1.
+    """
+    g = tp_group() if g is None else g
+    if g.size == 1 or not (x.requires_grad and torch.is_grad_enabled()):
+        return x
+    return _MeanGrad.apply(x, g)

@@ -1,0 +1,97 @@
+"""``lang_contrastive``: language-aware contrastive loss between the soft CTC output and the reference text.
+
+Both sides are embedded by the same frozen LLM, so both live in one language space:
+
+    hypothesis side  h_b = mean_{n=1..N_b} LLM([BOS | e_b,1 .. e_b,N_b])_n     e: the bridge's soft embeddings of
+                                                                             the greedy CTC hypothesis (grad)
+    reference side   r_b = mean_u LLM([BOS | reference tokens])_u            ``LLMHost.pooled_hidden``, no grad,
+                                                                             cached per transcript
+    a_b = normalize(W_a h_b),  t_b = normalize(W_t r_b),  symmetric InfoNCE with a learned temperature
+
+(BOS is left out of both means: its state is an attention sink.) The InfoNCE, the in-batch negatives gathered
+over all ranks, the masking of duplicate transcripts and the reference-feature cache are ``clip``'s
+(:class:`nemo_ctcllm.objectives.clip.ClipObjective`, which this class extends): the only difference is the
+"audio" side, which here is the LLM's reading of what the CTC head *says*, not the pooled acoustic encoder
+output. The loss pulls each hypothesis towards the meaning of its own reference and away from the batch's other
+sentences; its gradient reaches the encoder through the bridge (the segments' posteriors) only.
+
+Tensor parallelism: the soft hypotheses are gathered over the TP group (every TP rank runs the LLM on the same
+batch) and the gradient reaching the pooled LLM states is averaged over the group
+(:func:`nemo_ctcllm.llm.tp.mean_grad_over_tp`), since every rank's contrastive loss differs (its own rows are
+the queries) while megatron's backward needs one output gradient per TP group.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from nemo_ctcllm.llm.tp import gather_llm_inputs, mean_grad_over_tp
+from nemo_ctcllm.objectives.base import (
+    ConfigError,
+    Stats,
+    StepContext,
+    check_int,
+    check_number,
+    register_objective,
+)
+from nemo_ctcllm.objectives.bridge import (
+    BRIDGE_DEFAULTS,
+    SoftHypothesis,
+    SoftText,
+    check_bridge_keys,
+)
+from nemo_ctcllm.objectives.clip import ClipObjective
+from nemo_ctcllm.objectives.common import resolve_llm_hidden_size, transcripts
+
+
+def pooled_soft_hidden(host, soft: SoftText) -> Tensor:
+    """Mean last hidden state of the LLM over the soft hypothesis' positions (BOS excluded) [b, H] fp32."""
+    bos_ids, _ = host.tokenize([""], add_bos=True)  # [1, 1]
+    bos = host.embed(bos_ids)[0].to(soft.embeds.dtype)  # [1, H]
+    rows = [torch.cat([bos, soft.embeds[b, :n]]) for b, n in enumerate(soft.lengths.tolist())]  # [1+n, H]
+    lengths = soft.lengths + 1  # [b]
+    embeds = pad_sequence(rows, batch_first=True)  # [b, L, H]
+    dummy = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)  # [b, L]: no labels needed
+    embeds, _, lengths, mine = gather_llm_inputs(embeds, dummy, lengths)  # [B, L, H], _, [B]
+    h = mean_grad_over_tp(host.hidden_states(embeds, lengths).float())  # [B, L, H]
+    pos = torch.arange(h.shape[1], device=h.device)[None]  # [1, L]
+    valid = ((pos >= 1) & (pos < lengths.to(h.device)[:, None])).float()  # [B, L]
+    pooled = (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)  # [B, H]
+    return pooled[mine]
+
+
+class LangContrastive(ClipObjective):
+    """clip's InfoNCE between the LLM-pooled soft CTC hypothesis and the LLM-pooled reference."""
+
+    def __init__(self, name, weight, warmup_steps, reader: SoftHypothesis, d_llm: int, dim: int, cache_text: bool,
+                 init_temperature: float):
+        super().__init__(name, weight, warmup_steps, d_llm, d_llm, dim, "mean", cache_text, init_temperature)
+        self.reader = reader
+        self.capture_blocks = [reader.head_block] if reader.head_block else []
+
+    def forward(self, ctx: StepContext) -> Tuple[Tensor, Stats]:
+        host, texts = ctx.model.llm, transcripts(ctx)
+        soft = self.reader(ctx, host.tokenizer, host.embed, self.training)
+        pooled = pooled_soft_hidden(host, soft).to(ctx.log_probs.device)  # [B, H]
+        loss, stats = self.contrastive(pooled, self.text_features(host, texts), texts)
+        return loss, {**stats, "hyp_tokens": soft.lengths.float().mean().detach()}
+
+
+@register_objective(
+    "lang_contrastive",
+    defaults={**BRIDGE_DEFAULTS, "dim": 256, "cache_text": True, "init_temperature": 0.07, "llm_hidden_size": None},
+)
+def build_lang_contrastive(block: DictConfig, model, key: str) -> List[LangContrastive]:
+    head = check_bridge_keys(block, model, key)
+    dim = check_int(block.dim, f"{key}.dim", 1)
+    if not isinstance(block.cache_text, bool):
+        raise ConfigError(f"{key}.cache_text must be true or false, got {block.cache_text!r}")
+    temp = check_number(block.init_temperature, f"{key}.init_temperature", 0.01, 1.0)
+    d_llm = resolve_llm_hidden_size(model, block, key)
+    reader = SoftHypothesis(head, block.estimator, float(block.gumbel_tau), block.gumbel_hard)
+    return [LangContrastive("lang_contrastive", block.weight, block.warmup_steps, reader, d_llm, dim,
+                            block.cache_text, float(temp))]

@@ -1,0 +1,133 @@
+"""torchrun worker for the tensor-parallel tests of the soft-text objectives (gloo on CPU; fp32).
+
+    torchrun --nproc_per_node 2 tests/softtext_tp_worker.py --mode llm_lm_loss|lang_contrastive --out DIR CKPT
+
+``DIR/pieces.json`` holds the ASR vocabulary (pieces, special flags), written by the test. Every rank feeds its
+own CTC posteriors (:func:`softtext_inputs`, seeded by the rank) through the bridge into the TP=world LLM and
+writes ``DIR/rank<r>.pt`` (loss and d loss / d log-probs per variant); the tests recompute them with TP=1.
+Launched with :func:`obj_tp_worker.launch` (``worker=`` this file).
+"""
+import argparse
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+TEXTS = ["the cat sat on the mat", "a dog ran far away from the cat", "hello world", "speech to text is fun",
+         "the dog sat", "hello cat"]
+
+
+def make_tiny_bpe_llama(folder, vocab_size: int = 320, seed: int = 0):
+    """The conftest tiny LLaMA (2 query groups, so TP=2 works) with a byte-level BPE tokenizer trained on the
+    shipped sentences instead of its word-level one: every ASR piece then has an LM tokenization."""
+    from conftest import REPO, make_tiny_llama
+
+    from nemo_ctcllm.data.small_lm import train_byte_level_bpe
+
+    make_tiny_llama(folder, seed=seed, vocab_size=vocab_size, num_key_value_heads=2)
+    lines = (REPO / "nemo_ctcllm" / "data" / "sentences.txt").read_text().splitlines()
+    lines = [s for s in lines if s and not s.startswith("#")][:5000]
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(folder, f)):
+            os.remove(os.path.join(folder, f))
+    train_byte_level_bpe(lines, vocab_size).save_pretrained(folder)
+    return str(folder)
+
+
+def softtext_inputs(rank: int, num_pieces: int, b=None):
+    """Rank-specific CTC log-probs [b, T, V+1] (a peaked random greedy path), lengths [b], transcripts [b]
+    (b = 2 + rank unless given)."""
+    g = torch.Generator().manual_seed(300 + rank)
+    b, T = b or 2 + rank, 12
+    lengths = torch.tensor([12, 9, 7][:b])
+    logits = torch.randn(b, T, num_pieces + 1, generator=g)
+    path = torch.randint(1, num_pieces + 1, (b, T), generator=g)  # piece 0 is <unk>; num_pieces = blank
+    logits.scatter_add_(2, path[..., None], torch.full((b, T, 1), 3.0))
+    texts = [TEXTS[(rank * 3 + i) % len(TEXTS)] for i in range(b)]
+    return logits.log_softmax(-1), lengths, texts
+
+
+VARIANTS = {  # name -> (estimator, target)
+    "reference": ("expected", "reference"),
+    "hypothesis": ("expected", "hypothesis"),
+    "st_reference": ("straight_through", "reference"),
+}
+
+
+def run_llm_lm_loss(host, pmap, rank: int) -> dict:
+    from nemo_ctcllm.objectives.bridge import bridge
+    from nemo_ctcllm.objectives.llm_lm_loss import llm_lm_loss
+
+    out = {}
+    for name, (estimator, target) in VARIANTS.items():
+        log_probs, lengths, texts = softtext_inputs(rank, pmap.matrix.shape[0])
+        log_probs.requires_grad_(True)
+        soft = bridge(log_probs, lengths, pmap, estimator)
+        loss = llm_lm_loss(host, soft, texts, target, pmap.first_token, "hello")
+        loss.backward()
+        out[name] = {"loss": loss.detach(), "grad": log_probs.grad}
+    return out
+
+
+LANG_BATCH = 3  # the same on every rank: DDP's mean of per-rank means is then the global mean
+
+
+def make_lang(hidden: int):
+    from nemo_ctcllm.objectives.bridge import SoftHypothesis
+    from nemo_ctcllm.objectives.lang_contrastive import LangContrastive
+
+    torch.manual_seed(0)
+    reader = SoftHypothesis(None, "expected", 1.0, False)
+    return LangContrastive("lang_contrastive", 1.0, 0, reader, hidden, 16, cache_text=False, init_temperature=0.07)
+
+
+def lang_loss(obj, host, pmap, log_probs, lengths, texts):
+    """lang_contrastive's loss on given posteriors (what its forward computes from a StepContext)."""
+    from nemo_ctcllm.objectives.bridge import bridge
+    from nemo_ctcllm.objectives.lang_contrastive import pooled_soft_hidden
+
+    soft = bridge(log_probs, lengths, pmap, "expected")
+    return obj.contrastive(pooled_soft_hidden(host, soft), obj.text_features(host, texts), texts)[0]
+
+
+def run_lang_contrastive(host, pmap, rank: int) -> dict:
+    log_probs, lengths, texts = softtext_inputs(rank, pmap.matrix.shape[0], b=LANG_BATCH)
+    log_probs.requires_grad_(True)
+    obj = make_lang(host.hidden_size)
+    loss = lang_loss(obj, host, pmap, log_probs, lengths, texts)
+    loss.backward()
+    return {"loss": loss.detach(), "grad": log_probs.grad,
+            "params": {n: p.grad.clone() for n, p in obj.named_parameters()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["llm_lm_loss", "lang_contrastive"], required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("checkpoint")
+    args = ap.parse_args()
+
+    import torch.distributed as dist
+
+    from nemo_ctcllm.llm import LLMHost
+    from nemo_ctcllm.objectives.bridge import PieceMap
+
+    torch.set_num_threads(1)
+    dist.init_process_group(backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    host = LLMHost(args.checkpoint, tp_size=world, params_dtype=torch.float32)
+    with open(os.path.join(args.out, "pieces.json")) as f:
+        pieces, special = json.load(f)
+    pmap = PieceMap.build(pieces, special, host.tokenizer, host.embed)
+    run = run_llm_lm_loss if args.mode == "llm_lm_loss" else run_lang_contrastive
+    result = run(host, pmap, rank)
+    result["llm_grads"] = sum(p.grad is not None for p in host.llm_parameters())
+    torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
