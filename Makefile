@@ -14,7 +14,7 @@ TRAIN_ARGS ?=   # extra Hydra overrides for the demo training, e.g. TRAIN_ARGS="
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install install-apt install-pip demo demo-data tokenizer train-demo eval-demo test
+.PHONY: install install-apt install-pip demo demo-data tokenizer train-demo eval-demo test mlm
 
 install: install-apt install-pip
 
@@ -46,6 +46,11 @@ eval-demo:
 	$(PYTHON) scripts/evaluate.py --model $(ART)/demo/model.nemo --out-dir $(ART)/demo/eval \
 	  --manifest $(DEMO_DIR)/dev_manifest.json --manifest $(DEMO_DIR)/test_manifest.json \
 	  --manifest $(DEMO_DIR)/test_unseen_engine_manifest.json
+
+# The masked LM that the `mlm` objective reads (a 0.45 M BERT over the ASR pieces, trained on the shipped sentences).
+mlm: tokenizer
+	$(PYTHON) scripts/train_mlm.py --out $(ART)/mlm/bert-mlm-wordnet \
+	  --asr-tokenizer $(ART)/tokenizers/tokenizer_spe_bpe_v128 --max-minutes 12
 
 demo: install
 	$(MAKE) train-demo

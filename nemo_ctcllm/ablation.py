@@ -33,21 +33,31 @@ class Run:
     note: str = ""
 
 
+def on(name: str, **keys) -> List[str]:
+    """Overrides enabling the recipe's (documented, off) block ``model.objectives.<name>`` with these keys."""
+    return [f"model.objectives.{name}.enabled=true"] + [f"model.objectives.{name}.{k}={v}" for k, v in keys.items()]
+
+
 # The control is the demo config itself (final CTC 0.7 + intermediate CTC at block 3, 0.3); every objective
-# is added on top of it, with the weight its module docstring recommends.
+# is added on top of it with its recipe block's defaults (conf/conformer_ctc_llm.yaml) plus the keys below.
 RUNS: List[Run] = [
     Run("plain_ctc", PLAIN, seeds=(0, 1), bench_variant="plain", note="NeMo's CTC alone"),
     Run("interctc", [], seeds=(0, 1), bench_variant="interctc", note="control: CTC + intermediate CTC"),
     Run("interctc_selfcond", ["model.objectives.interctc.self_conditioning=true"], bench_variant="interctc_selfcond"),
-    Run("joint_lm", ["+model.objectives.joint_lm.weight=0.3"], bench_variant="interctc_joint_lm"),
-    Run("simclr", ["+model.objectives.token_contrastive.mode=simclr", "+model.objectives.token_contrastive.weight=0.1"],
-        bench_variant="interctc_simclr"),
-    Run("byol", ["+model.objectives.token_contrastive.mode=byol", "+model.objectives.token_contrastive.weight=0.1"],
-        bench_variant="interctc_byol"),
-    Run("clip", [SMOLLM2, "+model.objectives.clip.weight=0.1"], bench_variant="interctc_clip"),
-    Run("llm_prefix_clm", [SMOLLM2, "+model.objectives.llm_prefix_clm.weight=0.3",
-                           "+model.objectives.llm_prefix_clm.blocks=[3,6]", "+model.objectives.llm_prefix_clm.weights=[0.5,0.5]",
-                           "+model.objectives.llm_prefix_clm.stack=8"], bench_variant="interctc_llm_prefix_clm"),
+    Run("joint_lm", on("joint_lm", weight=0.3), bench_variant="interctc_joint_lm"),
+    Run("simclr", on("token_contrastive", mode="simclr", weight=0.1), bench_variant="interctc_simclr"),
+    Run("byol", on("token_contrastive", mode="byol", weight=0.1), bench_variant="interctc_byol"),
+    Run("clip", [SMOLLM2, *on("clip", weight=0.1)], bench_variant="interctc_clip"),
+    Run("llm_prefix_clm", [SMOLLM2, *on("llm_prefix_clm", weight=0.3, blocks="[3,6]", weights="[0.5,0.5]", stack=8)],
+        bench_variant="interctc_llm_prefix_clm"),
+    Run("llm_rescoring", [SMOLLM2, *on("llm_rescoring", weight=0.5, nbest=4)], bench_variant="llm_rescoring_n4"),
+    Run("llm_reward", [SMOLLM2, *on("llm_reward", weight=0.05, num_samples=4)], bench_variant="llm_reward_sample4"),
+    Run("llm_pseudo_label", [SMOLLM2, *on("llm_pseudo_label", weight=0.3, nbest=8)],
+        bench_variant="llm_pseudo_label_n8"),
+    Run("llm_lm_loss", [SMOLLM2, *on("llm_lm_loss", weight=0.1)], bench_variant="interctc_llm_lm_loss"),
+    Run("mlm", on("mlm", weight=0.1, model_dir="artifacts/mlm/bert-mlm-wordnet"), bench_variant="interctc_mlm",
+        note="needs `make mlm`"),
+    Run("lang_contrastive", [SMOLLM2, *on("lang_contrastive", weight=0.1)], bench_variant="interctc_lang_contrastive"),
 ]
 
 EVAL_SPLITS = {"dev": "dev_manifest.json", "test": "test_manifest.json",

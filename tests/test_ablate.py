@@ -30,3 +30,22 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already finished") == 2
     assert (tmp_path / "plain_ctc_s0" / "train.log").stat().st_size == log  # nothing retrained
+
+
+def test_every_ablation_run_composes_into_a_valid_config():
+    """Each run's overrides apply to the demo config (no training): the objectives it names are enabled."""
+    from hydra import compose, initialize_config_dir
+
+    from nemo_ctcllm.ablation import RUNS
+    from nemo_ctcllm.objectives import registered_objectives
+
+    assert len({r.name for r in RUNS}) == len(RUNS)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        for run in RUNS:
+            cfg = compose(config_name="conformer_ctc_llm_demo", overrides=["trainer.max_time=null", *run.overrides])
+            enabled = {n for n, b in cfg.model.objectives.items() if b.get("enabled", True)}
+            assert enabled <= set(registered_objectives()), run.name
+            named = {o.split(".")[2] for o in run.overrides if o.startswith("model.objectives.")}
+            assert named <= enabled | {"interctc", "ctc_final"}, run.name
+            if run.name != "plain_ctc":
+                assert "interctc" in enabled, f"{run.name} must sit on top of the intermediate-CTC control"
