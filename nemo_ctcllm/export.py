@@ -34,6 +34,15 @@ def strip_for_inference(model) -> bool:
     return not keep
 
 
+def publish(tmp: str, path: str) -> None:
+    """Rename a finished temporary file onto ``path`` with the permissions a plain write would have given
+    (mkstemp creates files readable by their owner only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def atomic_save(model, path: str) -> str:
     """``model.save_to`` through a temporary file in the same folder, then rename: never half-written.
     (EncDecCTCLLMModelBPE.save_to is atomic itself; a stripped plain EncDecCTCModelBPE is not.)"""
@@ -43,7 +52,7 @@ def atomic_save(model, path: str) -> str:
     os.close(fd)
     try:
         model.save_to(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -1,4 +1,5 @@
 """EncDecCTCLLMModelBPE against NeMo's EncDecCTCModelBPE, intermediate heads, .nemo round trips, export."""
+import os
 import types
 
 import pytest
@@ -139,6 +140,10 @@ def test_nemo_round_trip_and_export(tokenizer_dir, tmp_path, mode):
     with torch.no_grad():
         ref, ref_len, _ = model.forward(input_signal=sig, input_signal_length=sl)
     path = atomic_save(model, str(tmp_path / "train.nemo"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # a plain write's permissions, not mkstemp's 0600
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     restored = ASRModel.restore_from(path, map_location="cpu")
     assert type(restored) is EncDecCTCLLMModelBPE
     restored.eval()

@@ -300,6 +300,8 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
 
         from nemo.utils.get_rank import is_global_rank_zero
 
+        from nemo_ctcllm.export import publish
+
         folder = os.path.dirname(os.path.abspath(save_path))
         os.makedirs(folder, exist_ok=True)
         if not is_global_rank_zero():
@@ -308,7 +310,7 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         os.close(fd)
         try:
             super().save_to(tmp)
-            os.replace(tmp, save_path)
+            publish(tmp, save_path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
