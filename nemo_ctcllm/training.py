@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 
 from nemo_ctcllm.data.manifest import CheckConfig, ManifestError, scan_manifest, write_manifest
-from nemo_ctcllm.objectives.base import ConfigError, check_number
+from nemo_ctcllm.objectives.base import ConfigError, check_bool, check_number, merge_block
 
 DATA_CHECK_DEFAULTS = {
     "skip_bad_utterances": False,
@@ -52,16 +52,9 @@ def manifest_paths(ds_cfg) -> List[str]:
 
 def read_data_checks(cfg: Optional[DictConfig]) -> DictConfig:
     """The ``data_checks`` block merged over its defaults; unknown keys and bad values name the key."""
-    user = OmegaConf.to_container(cfg, resolve=True) if cfg is not None else {}
-    if not isinstance(user, dict):
-        raise ConfigError(f"data_checks must be a mapping, got {user!r}")
-    unknown = sorted(set(user) - set(DATA_CHECK_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"data_checks: unknown key(s) {unknown}; allowed keys: {sorted(DATA_CHECK_DEFAULTS)}")
-    merged = OmegaConf.create({**DATA_CHECK_DEFAULTS, **user})
+    merged = merge_block(cfg, DATA_CHECK_DEFAULTS, "data_checks")
     for key in ("skip_bad_utterances", "check_audio"):
-        if not isinstance(merged[key], bool):
-            raise ConfigError(f"data_checks.{key} must be true or false, got {merged[key]!r}")
+        check_bool(merged[key], f"data_checks.{key}")
     check_number(merged.min_duration, "data_checks.min_duration", 0.0, 1e6)
     check_number(merged.max_duration, "data_checks.max_duration", merged.min_duration, 1e6, low_open=True)
     return merged

@@ -7,7 +7,6 @@ Every rank scores its *own* hypothesis texts (:func:`hyp_texts`) with
 every rank runs the LLM on all of them) and writes its rows to ``DIR/rank<r>.pt``; the test compares them
 with TP=1 in one process.
 """
-import argparse
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,20 +25,15 @@ def hyp_texts(rank: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["scores"], required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("checkpoint")
-    args = ap.parse_args()
+    from obj_tp_worker import worker_setup
 
     import torch.distributed as dist
+
+    args, rank, world = worker_setup(["scores"])
 
     from nemo_ctcllm.llm import LLMHost
     from nemo_ctcllm.objectives.hypotheses import llm_log_likelihood
 
-    torch.set_num_threads(1)
-    dist.init_process_group(backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     host = LLMHost(args.checkpoint, tp_size=world, params_dtype=torch.float32)
     texts = hyp_texts(rank)
     result = {"texts": texts, "summed": llm_log_likelihood(host, texts, normalize=False),

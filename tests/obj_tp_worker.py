@@ -135,9 +135,11 @@ def launch(mode: str, checkpoint, out_dir, nproc: int = 2, timeout: int = 180, w
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
 
-def main() -> None:
+def worker_setup(modes):
+    """What every torchrun worker of the tests starts with: ``--mode/--out CHECKPOINT`` parsed, one thread,
+    a gloo process group. Returns (args, rank, world size)."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["clm", "clip"], required=True)
+    ap.add_argument("--mode", choices=list(modes), required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("checkpoint")
     args = ap.parse_args()
@@ -146,7 +148,13 @@ def main() -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group(backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    return args, dist.get_rank(), dist.get_world_size()
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    args, rank, world = worker_setup(["clm", "clip"])
     run = run_clm if args.mode == "clm" else run_clip
     result = run(args.checkpoint, world, rank)
     torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))

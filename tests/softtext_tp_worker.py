@@ -7,7 +7,6 @@ own CTC posteriors (:func:`softtext_inputs`, seeded by the rank) through the bri
 writes ``DIR/rank<r>.pt`` (loss and d loss / d log-probs per variant); the tests recompute them with TP=1.
 Launched with :func:`obj_tp_worker.launch` (``worker=`` this file).
 """
-import argparse
 import json
 import os
 
@@ -103,20 +102,15 @@ def run_lang_contrastive(host, pmap, rank: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["llm_lm_loss", "lang_contrastive"], required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("checkpoint")
-    args = ap.parse_args()
+    from obj_tp_worker import worker_setup
 
     import torch.distributed as dist
+
+    args, rank, world = worker_setup(["llm_lm_loss", "lang_contrastive"])
 
     from nemo_ctcllm.llm import LLMHost
     from nemo_ctcllm.objectives.bridge import PieceMap
 
-    torch.set_num_threads(1)
-    dist.init_process_group(backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     host = LLMHost(args.checkpoint, tp_size=world, params_dtype=torch.float32)
     with open(os.path.join(args.out, "pieces.json")) as f:
         pieces, special = json.load(f)

@@ -369,19 +369,12 @@ def _check_llm_folder(checkpoint: str, tp: int) -> None:
 
 
 def _read_bad_steps(block) -> dict:
-    from omegaconf import OmegaConf
+    from nemo_ctcllm.objectives.base import check_bool, check_int, merge_block
 
-    from nemo_ctcllm.objectives.base import check_int
-
-    user = OmegaConf.to_container(block, resolve=True) if block is not None else {}
-    unknown = sorted(set(user) - set(BAD_STEP_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"model.bad_steps: unknown key(s) {unknown}; allowed keys: {sorted(BAD_STEP_DEFAULTS)}")
-    merged = {**BAD_STEP_DEFAULTS, **user}
-    if not isinstance(merged["skip"], bool):
-        raise ConfigError(f"model.bad_steps.skip must be true or false, got {merged['skip']!r}")
-    check_int(merged["max_consecutive"], "model.bad_steps.max_consecutive", 1)
-    return merged
+    merged = merge_block(block, BAD_STEP_DEFAULTS, "model.bad_steps")
+    check_bool(merged.skip, "model.bad_steps.skip")
+    check_int(merged.max_consecutive, "model.bad_steps.max_consecutive", 1)
+    return dict(merged)
 
 
 def _aggregate(outputs: List[dict], prefix: str) -> Dict[str, torch.Tensor]:

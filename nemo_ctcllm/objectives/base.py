@@ -148,17 +148,21 @@ def registered_objectives() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def read_block(block: Optional[DictConfig], name: str, key: str) -> DictConfig:
-    """Merge a user block over the objective's defaults; reject unknown keys and bad common values."""
-    _, defaults = _REGISTRY[name]
-    allowed = {**COMMON_KEYS, **defaults}
+def merge_block(block, defaults: Mapping[str, object], key: str) -> DictConfig:
+    """A config block (mapping or None) merged over ``defaults``; unknown keys are a ConfigError naming ``key``."""
     user = OmegaConf.to_container(block, resolve=True) if block is not None else {}
     if not isinstance(user, dict):
         raise ConfigError(f"{key} must be a mapping, got {user!r}")
-    unknown = sorted(set(user) - set(allowed))
+    unknown = sorted(set(user) - set(defaults))
     if unknown:
-        raise ConfigError(f"{key}: unknown key(s) {unknown}; allowed keys: {sorted(allowed)}")
-    merged = OmegaConf.create({**allowed, **user})
+        raise ConfigError(f"{key}: unknown key(s) {unknown}; allowed keys: {sorted(defaults)}")
+    return OmegaConf.create({**defaults, **user})
+
+
+def read_block(block: Optional[DictConfig], name: str, key: str) -> DictConfig:
+    """Merge a user block over the objective's defaults; reject unknown keys and bad common values."""
+    _, defaults = _REGISTRY[name]
+    merged = merge_block(block, {**COMMON_KEYS, **defaults}, key)
     check_weight(merged.weight, f"{key}.weight")
     if not isinstance(merged.warmup_steps, int) or merged.warmup_steps < 0:
         raise ConfigError(f"{key}.warmup_steps must be an integer >= 0, got {merged.warmup_steps!r}")
