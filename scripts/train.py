@@ -39,6 +39,9 @@ def main(cfg):
     trainer.fit(model)
     if cfg.model.get("test_ds") is not None and cfg.model.test_ds.get("manifest_filepath"):
         if model.prepare_test(trainer):
+            # test the weights just trained: after a resume, trainer.ckpt_path still names the checkpoint the run
+            # started from, which checkpointing may since have replaced
+            trainer.ckpt_path = None
             trainer.test(model)
     logging.info(f"Run finished; logs and .nemo under {log_dir}")
 
