@@ -132,6 +132,27 @@ def test_warmup_ramps_the_weight(tokenizer_dir):
     assert float(logs["train/weight/interctc_l2"]) == pytest.approx(0.5 * 5 / 10)
 
 
+def test_every_n_steps_runs_a_term_on_its_steps_only(tokenizer_dir):
+    """A term with every_n_steps: k adds to the loss (and gets gradient) on training steps divisible by k only,
+    still keeps its parameters in the graph on the others, and always runs in validation."""
+    model = fake_trainer(make(tokenizer_dir, interctc={"blocks": [2], "weights": [0.5], "every_n_steps": 3}))
+    model.train()
+    head = model.objectives["interctc_l2"]
+    for step, runs in [(0, True), (1, False), (2, False), (3, True)]:
+        model._trainer.global_step, model.logged = step, {}
+        model.zero_grad()
+        loss, logs = train_step(model, audio_batch())
+        loss.backward()
+        grad = sum(p.grad.abs().sum() for p in head.parameters())
+        assert ("train/interctc_l2" in logs) == runs and (float(grad) > 0) == runs, step
+        assert all(p.grad is not None for p in head.parameters())  # in the graph (DDP) even when skipped
+    model.eval()
+    with torch.no_grad():
+        assert "val/interctc_l2" in model.validation_pass(audio_batch(), 0)  # global_step 3 % 3 == 0 ...
+        model._trainer.global_step = 1
+        assert "val/interctc_l2" in model.validation_pass(audio_batch(), 0)  # ... and 1: validation always runs
+
+
 @pytest.mark.parametrize("mode", ["separate", "selfcond"])
 def test_nemo_round_trip_and_export(tokenizer_dir, tmp_path, mode):
     model = make(tokenizer_dir, interctc=MODES[mode])

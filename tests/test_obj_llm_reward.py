@@ -39,8 +39,7 @@ def test_gradient_reaches_encoder_not_llm(tokenizer_dir, tiny_llm, name, llm_pro
 
 def reinforce_grads(model, ctx, leaf, baseline, seeds):
     """d loss / d posteriors [seeds, B*T*C] of llm_reward (sampled paths) for one seed each."""
-    settings = SearchSettings(nbest=1, beam_size=1, lm_weight=0.0, acoustic_scale=1.0, llm_length_normalize=True,
-                              every_n_steps=1)
+    settings = SearchSettings(nbest=1, beam_size=1, lm_weight=0.0, acoustic_scale=1.0, llm_length_normalize=True)
     term = LlmReward("llm_reward", 1.0, 0, settings, "sample", 6, baseline, 0.0)
     grads = []
     for seed in seeds:

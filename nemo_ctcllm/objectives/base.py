@@ -2,8 +2,8 @@
 
 An *objective* is an ``nn.Module`` that reads one training/validation batch (a :class:`StepContext`) and
 returns ``(loss, stats)``: an unweighted scalar loss and a dict of detached scalars to log. Its YAML block
-under ``model.objectives.<name>`` carries ``weight`` and ``warmup_steps`` (shared by every objective, read
-by :func:`compose_loss`) plus its own keys. A new objective is one file that subclasses :class:`Objective`,
+under ``model.objectives.<name>`` carries ``weight``, ``warmup_steps`` and ``every_n_steps`` (shared by every
+objective, read by :func:`compose_loss`) plus its own keys. A new objective is one file that subclasses :class:`Objective`,
 decorates its builder with :func:`register_objective`, and one YAML block.
 
 A block may build several *terms* (e.g. one per intermediate CTC head); each term is one Objective module
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 Stats = Dict[str, torch.Tensor]
 
 # Keys every objective block accepts; read by compose_loss and the builders, never by the objective itself.
-COMMON_KEYS = {"enabled": True, "weight": 1.0, "warmup_steps": 0}
+COMMON_KEYS = {"enabled": True, "weight": 1.0, "warmup_steps": 0, "every_n_steps": 1}
 
 
 class ConfigError(ValueError):
@@ -107,6 +107,7 @@ class Objective(torch.nn.Module):
     needed_at_inference: bool = False
     uses_unlabelled: bool = False
     tp_collective: bool = False
+    every_n_steps: int = 1  # set from the block by build_objectives; read by compose_loss
 
     def __init__(self, name: str, weight: float, warmup_steps: int = 0, capture_blocks: Optional[List[int]] = None):
         super().__init__()
@@ -166,6 +167,7 @@ def read_block(block: Optional[DictConfig], name: str, key: str) -> DictConfig:
     check_weight(merged.weight, f"{key}.weight")
     if not isinstance(merged.warmup_steps, int) or merged.warmup_steps < 0:
         raise ConfigError(f"{key}.warmup_steps must be an integer >= 0, got {merged.warmup_steps!r}")
+    check_int(merged.every_n_steps, f"{key}.every_n_steps", 1)
     return merged
 
 
@@ -233,6 +235,7 @@ def build_objectives(cfg: Optional[DictConfig], model: "EncDecCTCLLMModelBPE") -
         for term in builder(block, model, key):
             if term.name in terms:
                 raise ConfigError(f"{key}: term name '{term.name}' is already used by another objective")
+            term.every_n_steps = block.every_n_steps
             terms[term.name] = term
     total_weight = sum(t.weight for t in terms.values())
     if total_weight <= 0.0:
@@ -248,7 +251,8 @@ def compose_loss(
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The one place where the total loss is made: ``sum_i w_i(step) * loss_i``.
 
-    Every term is evaluated (also at weight 0 during warm-up, so that its curve is logged), its unweighted
+    Every term is evaluated (also at weight 0 during warm-up, so that its curve is logged; in training only on
+    steps with ``step % every_n_steps == 0``, which amortises an expensive objective), its unweighted
     loss logged detached under ``<prefix>/<name>``, its current weight under ``<prefix>/weight/<name>`` and
     its stats under ``<prefix>/<name>_<stat>``.
 
@@ -265,10 +269,14 @@ def compose_loss(
     if ctx.labelled is not None:
         logs[f"{prefix}/labelled_rows"] = ctx.labelled.sum().float()
     for name, term in terms.items():
-        view = ctx if term.uses_unlabelled else labelled
-        empty = view.log_probs.shape[0] == 0
-        loss, stats = term(view) if not empty or term.tp_collective else (None, {})  # a collective term always runs
-        if empty or loss is None:  # nothing this step (no row for it, every_n_steps, ...): not added, not logged
+        if ctx.model.training and step % term.every_n_steps != 0:  # same step on every rank: TP groups stay in step
+            loss, stats = None, {}
+        else:
+            view = ctx if term.uses_unlabelled else labelled
+            empty = view.log_probs.shape[0] == 0  # no row for it: a collective term still runs
+            loss, stats = term(view) if not empty or term.tp_collective else (None, {})
+            loss = None if empty else loss
+        if loss is None:  # nothing this step (every_n_steps, no row, the term's own choice): not added, not logged
             params = [p.sum() for p in term.parameters() if p.requires_grad]
             if params:  # but every parameter stays in the graph for data-parallel gradient reduction
                 total = total + 0.0 * torch.stack(params).sum()

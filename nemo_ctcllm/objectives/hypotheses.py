@@ -42,7 +42,6 @@ SEARCH_DEFAULTS = {
     "lm_weight": 0.5,              # λ in s = κ·a + λ·l
     "acoustic_scale": 1.0,         # κ
     "llm_length_normalize": False,  # l per LLM token instead of summed
-    "every_n_steps": 1,            # run on training steps with global_step % k == 0 (always in validation)
 }
 
 
@@ -53,7 +52,6 @@ class SearchSettings:
     lm_weight: float
     acoustic_scale: float
     llm_length_normalize: bool
-    every_n_steps: int
 
     @classmethod
     def read(cls, block, key: str) -> "SearchSettings":
@@ -68,7 +66,6 @@ class SearchSettings:
             acoustic_scale=check_number(block.get("acoustic_scale", 1.0), f"{key}.acoustic_scale", 0.0, 100.0,
                                         low_open=True),
             llm_length_normalize=check_bool(block.llm_length_normalize, f"{key}.llm_length_normalize"),
-            every_n_steps=check_int(block.every_n_steps, f"{key}.every_n_steps", 1),
         )
 
 
@@ -80,12 +77,6 @@ def require_llm(model, key: str) -> None:
             f"{key} scores hypotheses with the LLM, but model.llm.checkpoint is not set: point it to a local "
             "Hugging Face LLaMA folder (scripts/prepare_llm.py prepares the demo's SmolLM2)"
         )
-
-
-def runs_this_step(ctx: StepContext, every_n_steps: int) -> bool:
-    """Every ``every_n_steps`` optimizer steps in training (the same step on every rank); always otherwise."""
-    model = ctx.model
-    return not model.training or every_n_steps == 1 or model.global_step % every_n_steps == 0
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from nemo_ctcllm.objectives.base import (
     check_number,
     register_objective,
 )
-from nemo_ctcllm.objectives.hypotheses import SEARCH_DEFAULTS, SearchSettings, hypotheses, require_llm, runs_this_step
+from nemo_ctcllm.objectives.hypotheses import SEARCH_DEFAULTS, SearchSettings, hypotheses, require_llm
 from nemo_ctcllm.objectives.llm_rescoring import top_choices
 
 LOSSES = ("ctc", "margin", "both")
@@ -65,8 +65,6 @@ class LlmPseudoLabel(Objective):
         return (labelled & self.use_labelled) | (~labelled & self.uses_unlabelled)
 
     def forward(self, ctx: StepContext) -> Tuple[Optional[Tensor], Stats]:
-        if not runs_this_step(ctx, self.settings.every_n_steps):
-            return None, {}
         hyps = hypotheses(ctx, self.settings)
         B, N = hyps.valid.shape
         a = hyps.acoustic  # [B, N] with grad

@@ -31,7 +31,6 @@ from nemo_ctcllm.objectives.hypotheses import (
     SearchSettings,
     hypotheses,
     require_llm,
-    runs_this_step,
     word_errors,
 )
 
@@ -53,8 +52,6 @@ class LlmRescoring(Objective):
         self.normalize_risk = normalize_risk
 
     def forward(self, ctx: StepContext) -> Tuple[Optional[torch.Tensor], Stats]:
-        if not runs_this_step(ctx, self.settings.every_n_steps):
-            return None, {}
         hyps = hypotheses(ctx, self.settings)  # also on 0 rows: the LLM's TP group scores together
         B = hyps.valid.shape[0]
         if B == 0:

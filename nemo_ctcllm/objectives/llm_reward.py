@@ -57,7 +57,6 @@ from nemo_ctcllm.objectives.hypotheses import (
     hypotheses,
     llm_log_likelihood,
     require_llm,
-    runs_this_step,
     word_errors,
 )
 
@@ -134,8 +133,6 @@ class LlmReward(Objective):
         return path_lp, valid, texts, llm.view(B, S).to(path_lp)
 
     def forward(self, ctx: StepContext) -> Tuple[Optional[Tensor], Stats]:
-        if not runs_this_step(ctx, self.settings.every_n_steps):
-            return None, {}
         logp, valid, texts, llm = self.samples(ctx)  # [B, S] each
         B = logp.shape[0]
         r = self.rewards(ctx, texts, llm) if B else llm  # [B, S]
