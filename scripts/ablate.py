@@ -12,12 +12,13 @@ and writes docs/results/ablation/<run>_s<seed>.json; finished runs are skipped. 
 docs/RESULTS.md between the ablation markers, the plots into docs/results/.
 """
 import argparse
+import dataclasses
 import os
 import sys
 
 from tqdm import tqdm
 
-from nemo_ctcllm.ablation import REPO, RUNS, Run, result_path, run_one, summarise, write_section
+from nemo_ctcllm.ablation import REPO, RUNS, result_path, run_one, summarise, write_section
 
 
 def quick_setup(work: str):
@@ -36,7 +37,7 @@ def quick_setup(work: str):
              "trainer.max_steps=4", "trainer.limit_train_batches=2", "trainer.check_val_every_n_epoch=1",
              "trainer.log_every_n_steps=1", "model.log_prediction=false", "trainer.enable_progress_bar=false"]
     runs = [r for r in RUNS if r.name in ("plain_ctc", "interctc")]
-    return data, extra, [Run(r.name, r.overrides, (0,), r.bench_variant, r.note) for r in runs]
+    return data, extra, [dataclasses.replace(r, seeds=(0,)) for r in runs]
 
 
 def main(argv=None):
@@ -72,7 +73,7 @@ def main(argv=None):
         runs = [known[n] for n in args.runs.split(",")]
     if args.seeds:
         seeds = tuple(int(s) for s in args.seeds.split(","))
-        runs = [Run(r.name, r.overrides, seeds, r.bench_variant, r.note) for r in runs]
+        runs = [dataclasses.replace(r, seeds=seeds) for r in runs]
 
     if not args.summarise:
         todo = [(r, s) for r in runs for s in r.seeds]
