@@ -26,6 +26,17 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
     for png in ("ablation_dev_wer.png", "ablation_test_wer.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
 
+    # inference parity of the exports (scripts/bench_export.py): same class, size and parameters as plain CTC
+    bench = [sys.executable, str(REPO / "scripts" / "bench_export.py"), "--work", str(tmp_path), "--rounds", "1",
+             "--manifest", str(tmp_path / "data" / "dev_manifest.json"), "--out", str(tmp_path / "parity.json")]
+    proc = subprocess.run(bench, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parity = {r["model"]: r for r in json.load(open(tmp_path / "parity.json"))["rows"]}
+    assert set(parity) == {"plain_ctc_s0", "interctc_s0"}
+    assert {r["class"] for r in parity.values()} == {"EncDecCTCModelBPE"}
+    assert parity["interctc_s0"]["params_ratio"] == 1.0 and parity["interctc_s0"]["throughput_ratio"] > 0
+    assert "| interctc_s0 | EncDecCTCModelBPE |" in proc.stdout
+
     log = (tmp_path / "plain_ctc_s0" / "train.log").stat().st_size
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already finished") == 2
