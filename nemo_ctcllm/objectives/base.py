@@ -3,8 +3,8 @@
 An *objective* is an ``nn.Module`` that reads one training/validation batch (a :class:`StepContext`) and
 returns ``(loss, stats)``: an unweighted scalar loss and a dict of detached scalars to log. Its YAML block
 under ``model.objectives.<name>`` carries ``weight``, ``warmup_steps`` and ``every_n_steps`` (shared by every
-objective, read by :func:`compose_loss`) plus its own keys. A new objective is one file that subclasses :class:`Objective`,
-decorates its builder with :func:`register_objective`, and one YAML block.
+objective, read by :func:`compose_loss`) plus its own keys. A new objective is one file that subclasses
+:class:`Objective`, decorates its builder with :func:`register_objective`, and one YAML block.
 
 A block may build several *terms* (e.g. one per intermediate CTC head); each term is one Objective module
 with its own name, weight and warm-up, and is logged under ``train/<name>``.
