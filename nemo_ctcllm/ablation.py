@@ -105,13 +105,27 @@ def dev_curve(exp_dir: str) -> List[List[float]]:
     return [[s, curve[s]] for s in sorted(curve)]
 
 
-def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, config: str, extra: Sequence[str],
-            log=print) -> dict:
-    """Train (or resume) one run, export it, score it, write its result file; returns the result."""
+def score_export(infer: str, data_dir: str, label: str, log=print) -> dict:
+    """Greedy-CTC WER/CER (with the per-engine breakdown) of an exported model on every evaluation split."""
     import nemo_ctcllm  # noqa: F401
     from nemo.collections.asr.models import ASRModel
 
     from nemo_ctcllm.evaluate import evaluate
+
+    model = ASRModel.restore_from(infer, map_location="cpu")
+    metrics = {}
+    for split, manifest in EVAL_SPLITS.items():
+        path = os.path.join(data_dir, manifest)
+        if os.path.isfile(path):
+            metrics[split] = evaluate(model, path)
+            log(f"  {label} {split}: WER {100 * metrics[split]['wer']:.1f} CER {100 * metrics[split]['cer']:.1f}")
+    return {"metrics": metrics, "exported_params": sum(p.numel() for p in model.parameters()),
+            "exported_nemo_bytes": os.path.getsize(infer)}
+
+
+def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, config: str, extra: Sequence[str],
+            log=print) -> dict:
+    """Train (or resume) one run, export it, score it, write its result file; returns the result."""
     from nemo_ctcllm.export import export_for_inference
 
     exp_dir = os.path.join(work, f"{run.name}_s{seed}")
@@ -129,25 +143,30 @@ def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, conf
         raise RuntimeError(f"run {run.name} seed {seed}: no .nemo under {exp_dir}")
     infer = os.path.join(exp_dir, "inference.nemo")
     export_for_inference(nemo[0], infer)
-    model = ASRModel.restore_from(infer, map_location="cpu")
-    metrics = {}
-    for split, manifest in EVAL_SPLITS.items():
-        path = os.path.join(data_dir, manifest)
-        if os.path.isfile(path):
-            metrics[split] = evaluate(model, path)
-            log(f"  {run.name} s{seed} {split}: WER {100 * metrics[split]['wer']:.1f} CER {100 * metrics[split]['cer']:.1f}")
+    scored = score_export(infer, data_dir, f"{run.name} s{seed}", log)
     curve = dev_curve(exp_dir)
     result = {
         "run": run.name, "seed": seed, "overrides": run.overrides, "note": run.note,
         "command": " ".join(["python scripts/train.py", *cmd[2:]]).replace(REPO + os.sep, ""),
         "commit": git_commit(), "wall_s_last_sitting": round(wall, 1),
-        "steps": int(curve[-1][0]) if curve else None, "metrics": metrics, "dev_curve": curve,
-        "exported_params": sum(p.numel() for p in model.parameters()),
-        "exported_nemo_bytes": os.path.getsize(infer), "bench_variant": run.bench_variant,
-        "every_n_steps": run.every, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "steps": int(curve[-1][0]) if curve else None, "dev_curve": curve, **scored,
+        "bench_variant": run.bench_variant, "every_n_steps": run.every,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
     os.makedirs(results, exist_ok=True)
     with open(result_path(results, run.name, seed), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def rescore(run: Run, seed: int, *, work: str, results: str, data_dir: str, log=print) -> dict:
+    """Score a finished run's exported model again (e.g. after the scorer changed); training fields are kept."""
+    path = result_path(results, run.name, seed)
+    infer = os.path.join(work, f"{run.name}_s{seed}", "inference.nemo")
+    if not os.path.isfile(infer):
+        raise FileNotFoundError(f"run {run.name} seed {seed}: {infer} is not here to score again")
+    result = {**json.load(open(path)), **score_export(infer, data_dir, f"{run.name} s{seed}", log)}
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
     return result
 
@@ -165,8 +184,10 @@ def _mean_spread(values: List[float]):
     return statistics.mean(values), (max(values) - min(values)) if len(values) > 1 else None
 
 
-def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, order: Sequence[str] = ()) -> str:
-    """The ablation table (markdown) and two PNG plots, from the per-run files only."""
+def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, order: Sequence[str] = (),
+              reference_json: Optional[str] = None) -> str:
+    """The ablation table (markdown) and two PNG plots, from the per-run files only; ``reference_json`` (the
+    scripts/whisper_reference.py summary) adds the external yardstick as the last row."""
     by_run = load_results(results)
     if not by_run:
         return "_no finished runs yet_\n"
@@ -188,19 +209,27 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
         return f"{change:+.1f} %"
 
     lines = [
-        "| run | seeds | dev WER | test WER | test CER | unseen-engine WER | vs plain CTC (test) | "
-        "vs interctc control (test) | step time × plain | peak memory × plain | last val step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | seeds | dev WER | test WER | test CER | test WER, espeak-ng voices | unseen-engine WER | "
+        "vs plain CTC (test) | vs interctc control (test) | step time × plain | peak memory × plain | last val step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    def scores(rs: List[dict]) -> str:
+        """The dev, test, test CER, test espeak-ng and unseen-engine cells of one run (mean ± half spread)."""
+
+        def cell(split, key="wer", engine=None):
+            found = [r["metrics"][split] for r in rs if split in r["metrics"]]
+            if engine:
+                found = [s["by_engine"][engine] for s in found if engine in s.get("by_engine", {})]
+            if not found:
+                return "—"
+            m, spread = _mean_spread([100 * s[key] for s in found])
+            return f"{m:.1f}" + (f" ± {spread / 2:.1f}" if spread is not None else "")
+
+        return (f"{cell('dev')} | {cell('test')} | {cell('test', 'cer')} | {cell('test', engine='espeak-ng')} | "
+                f"{cell('test_unseen_engine')}")
+
     for n in names:
         rs = by_run[n]
-
-        def cell(split, key="wer"):
-            vals = [100 * r["metrics"][split][key] for r in rs if split in r["metrics"]]
-            if not vals:
-                return "—"
-            m, spread = _mean_spread(vals)
-            return f"{m:.1f}" + (f" ± {spread / 2:.1f}" if spread is not None else "")
 
         b, every = bench.get(rs[0].get("bench_variant") or "", {}), rs[0].get("every_n_steps", 1)
         ratio = "—" if "ratio" not in b else f"{b['ratio']:.2f}"
@@ -208,12 +237,16 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
             ratio = f"{1 + (b['ratio'] - 1) / every:.2f} ({ratio} every {every} steps)"
         mem = f"{b['peak_ratio']:.2f}" if "peak_ratio" in b else "—"
         lines.append(
-            f"| {n} | {','.join(str(r['seed']) for r in rs)} | {cell('dev')} | {cell('test')} | {cell('test', 'cer')} | "
-            f"{cell('test_unseen_engine')} | {rel(n, 'plain_ctc')} | {rel(n, 'interctc')} | {ratio} | {mem} | "
-            f"{max((r['steps'] or 0) for r in rs)} |"
+            f"| {n} | {','.join(str(r['seed']) for r in rs)} | {scores(rs)} | {rel(n, 'plain_ctc')} | "
+            f"{rel(n, 'interctc')} | {ratio} | {mem} | {max((r['steps'] or 0) for r in rs)} |"
         )
+    if reference_json and os.path.isfile(reference_json):  # the external yardstick, scored the same way
+        ref = json.load(open(reference_json))
+        name = f"{ref['model_id'].split()[0]}, beam {ref['decoding']['beam_size']}"
+        lines.append(f"| *reference: {name}* | — | {scores([{'metrics': ref['splits']}])} | — | — | — | — | — |")
     lines.append("")
-    lines.append("WER/CER in %, greedy CTC, exported model (no LLM), text normalised by nemo_ctcllm.evaluate. "
+    lines.append("WER/CER in %, greedy CTC, exported model (no LLM), text normalised by nemo_ctcllm.evaluate (the "
+                 "reference row: the same scorer on Whisper's output). "
                  "± is half the min–max spread over seeds; a change within the spread is reported as no difference. "
                  "Step time and peak memory: scripts/bench_step.py (same batch, same process); an objective that runs "
                  "every k steps costs 1 + (r - 1) / k of its measured ratio r on average. Commits and exact "

@@ -27,23 +27,29 @@ def transcribe_manifest(model, manifest: str, batch_size: int = 16) -> List[dict
     if isinstance(hyps, tuple):  # some NeMo versions return (best, all)
         hyps = hyps[0]
     return [
-        {"audio_filepath": p, "text": e.get("text", ""), "pred_text": _as_text(h), "duration": e.get("duration")}
+        {"audio_filepath": p, "text": e.get("text", ""), "pred_text": _as_text(h), "duration": e.get("duration"),
+         "engine": e.get("engine")}
         for p, e, h in zip(paths, entries, hyps)
     ]
 
 
 def score(rows: List[dict]) -> Dict[str, float]:
-    """Corpus WER and CER (edit distance summed over utterances / reference length)."""
+    """Corpus WER and CER (edit distance summed over utterances / reference length), plus ``by_engine``: the
+    same per TTS engine where the rows name one (the demo's manifests have an ``engine`` field)."""
     from nemo.collections.asr.metrics.wer import word_error_rate
 
     refs = [normalize_text(r["text"]) for r in rows]
     hyps = [normalize_text(r["pred_text"]) for r in rows]
-    return {
+    result = {
         "wer": word_error_rate(hyps, refs, use_cer=False),
         "cer": word_error_rate(hyps, refs, use_cer=True),
         "utterances": len(rows),
         "words": sum(len(r.split()) for r in refs),
     }
+    engines = sorted({r["engine"] for r in rows if r.get("engine")})
+    if engines:
+        result["by_engine"] = {e: score([{**r, "engine": None} for r in rows if r.get("engine") == e]) for e in engines}
+    return result
 
 
 def evaluate(model, manifest: str, out_path: Optional[str] = None, batch_size: int = 16) -> Dict[str, float]:

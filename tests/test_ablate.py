@@ -42,6 +42,16 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
     assert again.returncode == 0 and again.stdout.count("already finished") == 2
     assert (tmp_path / "plain_ctc_s0" / "train.log").stat().st_size == log  # nothing retrained
 
+    # --rescore scores the exports again (per-engine breakdown included) and keeps the training fields
+    before = json.load(open(tmp_path / "results" / "interctc_s0.json"))
+    proc = subprocess.run(cmd + ["--rescore"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = json.load(open(tmp_path / "results" / "interctc_s0.json"))
+    assert after["metrics"] == before["metrics"] and after["dev_curve"] == before["dev_curve"]
+    engines = after["metrics"]["test"]["by_engine"]
+    assert sum(e["utterances"] for e in engines.values()) == after["metrics"]["test"]["utterances"]
+    assert (tmp_path / "plain_ctc_s0" / "train.log").stat().st_size == log
+
 
 def test_every_ablation_run_composes_into_a_valid_config():
     """Each run's overrides apply to the demo config (no training): the objectives it names are enabled."""
