@@ -5,6 +5,7 @@ same data order and step budget; greedy-CTC WER of the exported model (no LLM); 
     python scripts/ablate.py                       # all runs of nemo_ctcllm.ablation.RUNS not yet finished
     python scripts/ablate.py --runs plain_ctc,interctc --seeds 0,1
     python scripts/ablate.py --summarise           # only rebuild the table and plots from docs/results/ablation
+    python scripts/ablate.py --rescore             # score the finished runs' exports again, then rebuild
     python scripts/ablate.py --quick --work /tmp/q  # the whole pipeline on a tiny corpus and model (~2 min)
 
 Each run trains with scripts/train.py in its own folder under --work (a killed run resumes where it stopped)
