@@ -31,7 +31,13 @@ class Run:
     seeds: Sequence[int] = (0,)
     bench_variant: Optional[str] = None  # the scripts/bench_step.py variant that measures its step cost
     note: str = ""
-    every: int = 1  # the objective's every_n_steps: its measured step-time ratio r costs 1 + (r - 1) / every
+
+    @property
+    def every(self) -> int:
+        """The objective's every_n_steps (read from the overrides): its measured step-time ratio r costs
+        1 + (r - 1) / every on average."""
+        ks = [int(o.split("=", 1)[1]) for o in self.overrides if o.split("=", 1)[0].endswith(".every_n_steps")]
+        return max(ks, default=1)
 
 
 def on(name: str, **keys) -> List[str]:
@@ -52,15 +58,14 @@ RUNS: List[Run] = [
     # The LLM objectives cost 3-15x a plain step on 2 CPU cores (docs/RESULTS.md section 2); at the fixed step
     # budget they run every k-th step (every_n_steps) so that a run fits a sitting.
     Run("llm_prefix_clm", [SMOLLM2, *on("llm_prefix_clm", weight=0.3, blocks="[3,6]", weights="[0.5,0.5]", stack=8,
-                                        every_n_steps=8)], bench_variant="interctc_llm_prefix_clm", every=8),
+                                        every_n_steps=8)], bench_variant="interctc_llm_prefix_clm"),
     Run("llm_rescoring", [SMOLLM2, *on("llm_rescoring", weight=0.5, nbest=4, every_n_steps=4)],
-        bench_variant="llm_rescoring_n4", every=4),
+        bench_variant="llm_rescoring_n4"),
     Run("llm_reward", [SMOLLM2, *on("llm_reward", weight=0.05, num_samples=4, every_n_steps=8)],
-        bench_variant="llm_reward_sample4", every=8),
+        bench_variant="llm_reward_sample4"),
     Run("llm_pseudo_label", [SMOLLM2, *on("llm_pseudo_label", weight=0.3, nbest=8, every_n_steps=4)],
-        bench_variant="llm_pseudo_label_n8", every=4),
-    Run("llm_lm_loss", [SMOLLM2, *on("llm_lm_loss", weight=0.1, every_n_steps=4)], bench_variant="interctc_llm_lm_loss",
-        every=4),
+        bench_variant="llm_pseudo_label_n8"),
+    Run("llm_lm_loss", [SMOLLM2, *on("llm_lm_loss", weight=0.1, every_n_steps=4)], bench_variant="interctc_llm_lm_loss"),
     Run("mlm", on("mlm", weight=0.1, model_dir="artifacts/mlm/bert-mlm-wordnet"), bench_variant="interctc_mlm",
         note="needs `make mlm`"),
     Run("lang_contrastive", [SMOLLM2, *on("lang_contrastive", weight=0.1)], bench_variant="interctc_lang_contrastive"),
