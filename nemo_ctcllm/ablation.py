@@ -1,7 +1,7 @@
 """The ablation benchmark behind ``scripts/ablate.py``: train the same encoder under each objective, score the
 exported models, and summarise (table + plots) from small per-run result files.
 
-One *run* = (name, seed): ``scripts/train.py`` on the demo config plus the run's Hydra overrides, in its own
+One *run* = (name, seed): ``scripts/train.py`` on ``conf/conformer_ctc_llm_ablation.yaml`` plus the run's Hydra overrides, in its own
 experiment folder (so a killed run resumes from its last checkpoint: the recipe sets
 ``exp_manager.resume_if_exists``), then export (no LLM, no regularizer heads) and greedy-CTC WER/CER on every
 evaluation split. Its metrics go to ``<results>/<name>_s<seed>.json``; a run whose file exists is not redone,
@@ -45,7 +45,7 @@ def on(name: str, **keys) -> List[str]:
     return [f"model.objectives.{name}.enabled=true"] + [f"model.objectives.{name}.{k}={v}" for k, v in keys.items()]
 
 
-# The control is the demo config itself (final CTC 0.7 + intermediate CTC at block 3, 0.3); every objective
+# The control is the ablation config itself (final CTC 0.7 + intermediate CTC at block 3, 0.3); every objective
 # is added on top of it with its recipe block's defaults (conf/conformer_ctc_llm.yaml) plus the keys below.
 RUNS: List[Run] = [
     Run("plain_ctc", PLAIN, seeds=(0, 1), bench_variant="plain", note="NeMo's CTC alone"),

@@ -48,7 +48,7 @@ def main(argv=None):
     p.add_argument("--work", default=os.path.join(REPO, "artifacts", "ablation"), help="experiment folders")
     p.add_argument("--results", help="per-run result files (default: docs/results/ablation; --quick: <work>/results)")
     p.add_argument("--data", default=os.path.join(REPO, "demo_data"), help="the demo corpus folder")
-    p.add_argument("--config", default="conformer_ctc_llm_demo")
+    p.add_argument("--config", default="conformer_ctc_llm_ablation")
     p.add_argument("--summarise", action="store_true", help="don't train; rebuild the table and plots")
     p.add_argument("--quick", action="store_true", help="tiny corpus + model, 2 runs: checks the pipeline")
     p.add_argument("--force", action="store_true", help="redo runs that have a result file")
@@ -57,7 +57,7 @@ def main(argv=None):
     p.add_argument("override", nargs="*", help="extra Hydra overrides for every run")
     args = p.parse_args(argv)
 
-    # the same step budget for every run: the demo config's wall-clock cap would cut a slower run short
+    # the same step budget for every run: the config's wall-clock cap would cut a slower run short
     runs, extra, data = list(RUNS), ["trainer.max_time=null", *args.override], args.data
     results = args.results or os.path.join(REPO, "docs", "results", "ablation")
     report = os.path.join(REPO, "docs", "RESULTS.md")

@@ -54,7 +54,7 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
 
 
 def test_every_ablation_run_composes_into_a_valid_config():
-    """Each run's overrides apply to the demo config (no training): the objectives it names are enabled."""
+    """Each run's overrides apply to the ablation config (no training): the objectives it names are enabled."""
     from hydra import compose, initialize_config_dir
 
     from nemo_ctcllm.ablation import RUNS
@@ -63,7 +63,7 @@ def test_every_ablation_run_composes_into_a_valid_config():
     assert len({r.name for r in RUNS}) == len(RUNS)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         for run in RUNS:
-            cfg = compose(config_name="conformer_ctc_llm_demo", overrides=["trainer.max_time=null", *run.overrides])
+            cfg = compose(config_name="conformer_ctc_llm_ablation", overrides=["trainer.max_time=null", *run.overrides])
             enabled = {n for n, b in cfg.model.objectives.items() if b.get("enabled", True)}
             assert enabled <= set(registered_objectives()), run.name
             named = {o.split(".")[2] for o in run.overrides if o.startswith("model.objectives.")}
