@@ -1,8 +1,8 @@
 """The ablation benchmark behind ``scripts/ablate.py``: train the same encoder under each objective, score the
 exported models, and summarise (table + plots) from small per-run result files.
 
-One *run* = (name, seed): ``scripts/train.py`` on ``conf/conformer_ctc_llm_ablation.yaml`` plus the run's Hydra overrides, in its own
-experiment folder (so a killed run resumes from its last checkpoint: the recipe sets
+One *run* = (name, seed): ``scripts/train.py`` on ``conf/conformer_ctc_llm_ablation.yaml`` plus the run's Hydra
+overrides, in its own experiment folder (so a killed run resumes from its last checkpoint: the recipe sets
 ``exp_manager.resume_if_exists``), then export (no LLM, no regularizer heads) and greedy-CTC WER/CER on every
 evaluation split. Its metrics go to ``<results>/<name>_s<seed>.json``; a run whose file exists is not redone,
 so the table fills in over several sittings and is regenerated from those files alone.
