@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = "model.llm.checkpoint=artifacts/llm/smollm2-135m"
@@ -31,6 +31,7 @@ class Run:
     seeds: Sequence[int] = (0,)
     bench_variant: Optional[str] = None  # the scripts/bench_step.py variant that measures its step cost
     note: str = ""
+    parts: Sequence["Run"] = ()  # a combination (see combine): the runs whose objectives it trains together
 
     @property
     def every(self) -> int:
@@ -38,6 +39,17 @@ class Run:
         1 + (r - 1) / every on average."""
         ks = [int(o.split("=", 1)[1]) for o in self.overrides if o.split("=", 1)[0].endswith(".every_n_steps")]
         return max(ks, default=1)
+
+    @property
+    def cost_parts(self) -> List[Tuple[str, int]]:
+        """(scripts/bench_step.py variant, every_n_steps) of each objective the run adds to the control."""
+        return [(r.bench_variant, r.every) for r in (self.parts or [self]) if r.bench_variant]
+
+
+def combine(name: str, parts: Sequence[Run], seeds: Sequence[int] = (0, 1)) -> Run:
+    """One run training the objectives of ``parts`` together, each with the settings of its own run."""
+    overrides = list(dict.fromkeys(o for r in parts for o in r.overrides))  # the shared LLM path once
+    return Run(name, overrides, seeds=seeds, parts=tuple(parts), note="combination: " + " + ".join(r.name for r in parts))
 
 
 def on(name: str, **keys) -> List[str]:
@@ -156,7 +168,7 @@ def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, conf
         "command": " ".join(["python scripts/train.py", *cmd[2:]]).replace(REPO + os.sep, ""),
         "commit": git_commit(), "wall_s_last_sitting": round(wall, 1),
         "steps": int(curve[-1][0]) if curve else None, "dev_curve": curve, **scored,
-        "bench_variant": run.bench_variant, "every_n_steps": run.every,
+        "bench_variant": run.bench_variant, "every_n_steps": run.every, "cost_parts": run.cost_parts,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
     os.makedirs(results, exist_ok=True)
@@ -188,6 +200,24 @@ def load_results(results: str) -> Dict[str, List[dict]]:
 
 def _mean_spread(values: List[float]):
     return statistics.mean(values), (max(values) - min(values)) if len(values) > 1 else None
+
+
+def _cost_cells(result: dict, bench: dict) -> Tuple[str, str]:
+    """Step time and peak memory × plain CTC from the section-2 measurements of the run's objective(s). An
+    objective measured at r that runs every k-th step costs 1 + (r - 1) / k on average; a combination adds its
+    parts' extra costs, and its peak memory is at least its largest part's."""
+    parts = result.get("cost_parts")
+    if parts is None:  # result files written before cost_parts existed: one objective
+        parts = [[result["bench_variant"], result.get("every_n_steps", 1)]] if result.get("bench_variant") else []
+    measured = [(bench[v], k) for v, k in parts if "ratio" in bench.get(v, {})]
+    if not parts or len(measured) < len(parts):
+        return "—", "—"
+    cost = 1 + sum((b["ratio"] - 1) / k for b, k in measured)
+    peak = max(b["peak_ratio"] for b, _ in measured)
+    if len(measured) > 1:
+        return f"{cost:.2f} (sum of its parts)", f"≥ {peak:.2f}"
+    (b, k), = measured
+    return (f"{cost:.2f} ({b['ratio']:.2f} every {k} steps)" if k > 1 else f"{b['ratio']:.2f}"), f"{peak:.2f}"
 
 
 def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, order: Sequence[str] = (),
@@ -239,11 +269,7 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
     ]
     for n in names:
         rs = by_run[n]
-        b, every = bench.get(rs[0].get("bench_variant") or "", {}), rs[0].get("every_n_steps", 1)
-        ratio = "—" if "ratio" not in b else f"{b['ratio']:.2f}"
-        if "ratio" in b and every > 1:  # the objective's extra cost, paid on one step in `every`
-            ratio = f"{1 + (b['ratio'] - 1) / every:.2f} ({ratio} every {every} steps)"
-        mem = f"{b['peak_ratio']:.2f}" if "peak_ratio" in b else "—"
+        ratio, mem = _cost_cells(rs[0], bench)
         lines.append(
             f"| {n} | {','.join(str(r['seed']) for r in rs)} | {scores(rs)} | {rel(n, 'plain_ctc')} | "
             f"{rel(n, 'interctc')} | {ratio} | {mem} | {max((r['steps'] or 0) for r in rs)} |"

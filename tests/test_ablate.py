@@ -70,3 +70,21 @@ def test_every_ablation_run_composes_into_a_valid_config():
             assert named <= enabled | {"interctc", "ctc_final"}, run.name
             if run.name != "plain_ctc":
                 assert "interctc" in enabled, f"{run.name} must sit on top of the intermediate-CTC control"
+
+
+def test_a_combination_trains_its_parts_together_and_adds_their_step_costs():
+    from nemo_ctcllm.ablation import RUNS, SMOLLM2, _cost_cells, combine
+
+    runs = {r.name: r for r in RUNS}
+    both = combine("both", [runs["llm_lm_loss"], runs["llm_prefix_clm"]])
+    assert both.overrides.count(SMOLLM2) == 1  # one LLM for both objectives
+    assert set(runs["llm_lm_loss"].overrides) | set(runs["llm_prefix_clm"].overrides) == set(both.overrides)
+    assert both.cost_parts == [("interctc_llm_lm_loss", 4), ("interctc_llm_prefix_clm", 8)]
+    bench = {"interctc_llm_lm_loss": {"ratio": 3.0, "peak_ratio": 2.0},
+             "interctc_llm_prefix_clm": {"ratio": 9.0, "peak_ratio": 4.5}}
+    # each objective's extra cost is paid on its own share of the steps: 1 + 2/4 + 8/8
+    assert _cost_cells({"cost_parts": both.cost_parts}, bench) == ("2.50 (sum of its parts)", "≥ 4.50")
+    # a result file from before cost_parts existed still reads as one objective
+    old = {"bench_variant": "interctc_llm_lm_loss", "every_n_steps": 4}
+    assert _cost_cells(old, bench) == ("1.50 (3.00 every 4 steps)", "2.00")
+    assert _cost_cells({"bench_variant": None}, bench) == ("—", "—")
