@@ -119,17 +119,30 @@ def train_command(run: Run, seed: int, work: str, config: str, extra: Sequence[s
     ]
 
 
-def dev_curve(exp_dir: str) -> List[List[float]]:
-    """[[step, dev WER], ...] from the run's TensorBoard events (all files: a resumed run has several)."""
+def _scalars(exp_dir: str, tag: str) -> Dict[int, float]:
+    """{step: value} of one TensorBoard scalar over all the run's event files (a resumed run has several)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    curve: Dict[int, float] = {}
+    values: Dict[int, float] = {}
     for events in sorted(glob.glob(os.path.join(exp_dir, "**", "events.out.tfevents.*"), recursive=True)):
         acc = EventAccumulator(events, size_guidance={"scalars": 0})
         acc.Reload()
-        if "val_wer" in acc.Tags()["scalars"]:
-            curve.update({e.step: e.value for e in acc.Scalars("val_wer")})
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def dev_curve(exp_dir: str) -> List[List[float]]:
+    """[[step, dev WER], ...] from the run's TensorBoard events."""
+    curve = _scalars(exp_dir, "val_wer")
     return [[s, curve[s]] for s in sorted(curve)]
+
+
+def train_step_seconds(exp_dir: str) -> Optional[float]:
+    """Mean wall time of the training steps Lightning logged (every log_every_n_steps-th step, so an objective
+    that runs every k-th step is in about 1/k of them): the run's own, rough, cost measurement."""
+    times = _scalars(exp_dir, "train_step_timing in s")
+    return round(statistics.mean(times.values()), 4) if times else None
 
 
 def score_export(infer: str, data_dir: str, label: str, log=print) -> dict:
@@ -177,6 +190,7 @@ def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, conf
         "command": " ".join(["python scripts/train.py", *cmd[2:]]).replace(REPO + os.sep, ""),
         "commit": git_commit(), "wall_s_last_sitting": round(wall, 1),
         "steps": int(curve[-1][0]) if curve else None, "dev_curve": curve, **scored,
+        "train_step_s_mean": train_step_seconds(exp_dir),
         "bench_variant": run.bench_variant, "every_n_steps": run.every, "cost_parts": run.cost_parts,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
@@ -256,6 +270,12 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
             return f"{change:+.1f} % (within seed spread: no difference)"
         return f"{change:+.1f} %"
 
+    def in_run(rs: List[dict]):  # mean logged training step time of the one-thread runs
+        secs = [r["train_step_s_mean"] for r in rs if r.get("train_step_s_mean") and r.get("omp_num_threads") == "1"]
+        return statistics.mean(secs) if secs else None
+
+    plain_s = in_run(by_run.get("plain_ctc", []))
+
     def scores(rs: List[dict]) -> str:
         """The dev, test, test CER, test espeak-ng and unseen-engine cells of one run (mean ± half spread)."""
 
@@ -273,20 +293,23 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
 
     lines = [
         "| run | seeds | dev WER | test WER | test CER | test WER, espeak-ng voices | unseen-engine WER | "
-        "vs plain CTC (test) | vs interctc control (test) | step time × plain | peak memory × plain | last val step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "vs plain CTC (test) | vs interctc control (test) | step time × plain | peak memory × plain | "
+        "step time × plain, in training | last val step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in names:
         rs = by_run[n]
         ratio, mem = _cost_cells(rs[0], bench)
+        secs = in_run(rs)
+        trained = f"{secs / plain_s:.2f}" if secs and plain_s else "—"
         lines.append(
             f"| {n} | {','.join(str(r['seed']) for r in rs)} | {scores(rs)} | {rel(n, 'plain_ctc')} | "
-            f"{rel(n, 'interctc')} | {ratio} | {mem} | {max((r['steps'] or 0) for r in rs)} |"
+            f"{rel(n, 'interctc')} | {ratio} | {mem} | {trained} | {max((r['steps'] or 0) for r in rs)} |"
         )
     if reference_json and os.path.isfile(reference_json):  # the external yardstick, scored the same way
         ref = json.load(open(reference_json))
         name = f"{ref['model_id'].split()[0]}, beam {ref['decoding']['beam_size']}"
-        lines.append(f"| *reference: {name}* | — | {scores([{'metrics': ref['splits']}])} | — | — | — | — | — |")
+        lines.append(f"| *reference: {name}* | — | {scores([{'metrics': ref['splits']}])} | — | — | — | — | — | — |")
     lines.append("")
     lines.append("WER/CER in %, greedy CTC, exported model (no LLM), text normalised by nemo_ctcllm.evaluate (the "
                  "reference row: the same scorer on Whisper's output). "
@@ -294,7 +317,9 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
                  "over seeds of any run (the noise floor: " + (f"{floor:.1f} points" if floor is not None else "n/a")
                  + ") is reported as no difference. "
                  "Step time and peak memory: scripts/bench_step.py (same batch, same process); an objective that runs "
-                 "every k steps costs 1 + (r - 1) / k of its measured ratio r on average. Commits and exact "
+                 "every k steps costs 1 + (r - 1) / k of its measured ratio r on average. \"In training\": the mean "
+                 "step time Lightning logged during the run (every 25th step here; one thread, beside another run, so "
+                 "rough) over plain CTC's; runs with another thread count are left out of it. Commits and exact "
                  "commands are in each run's file.")
     _plots(by_run, names, plots_dir)
     return "\n".join(lines) + "\n"

@@ -88,3 +88,19 @@ def test_a_combination_trains_its_parts_together_and_adds_their_step_costs():
     old = {"bench_variant": "interctc_llm_lm_loss", "every_n_steps": 4}
     assert _cost_cells(old, bench) == ("1.50 (3.00 every 4 steps)", "2.00")
     assert _cost_cells({"bench_variant": None}, bench) == ("—", "—")
+
+
+def test_the_table_reports_each_runs_own_logged_step_time_against_plain_ctc(tmp_path):
+    """The in-training cost column: mean logged step time over plain CTC's, one-thread runs only."""
+    from nemo_ctcllm.ablation import summarise
+
+    split = {"wer": 0.5, "cer": 0.2, "utterances": 4}
+    for run, seed, secs, threads in (("plain_ctc", 0, 0.8, "1"), ("plain_ctc", 1, 0.6, "1"),
+                                     ("llm_reward", 0, 1.4, "1"), ("interctc", 0, 0.3, None)):
+        result = {"run": run, "seed": seed, "metrics": {s: split for s in ("dev", "test")}, "dev_curve": [[10, 0.6]],
+                  "steps": 10, "train_step_s_mean": secs, "omp_num_threads": threads, "bench_variant": None}
+        (tmp_path / f"{run}_s{seed}.json").write_text(json.dumps(result))
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in
+            summarise(str(tmp_path), str(tmp_path / "plots")).splitlines() if line.startswith("| ")}
+    assert rows["plain_ctc"][-2] == "1.00" and rows["llm_reward"][-2] == "2.00"  # 1.4 / mean(0.8, 0.6)
+    assert rows["interctc"][-2] == "—"  # two threads (not recorded as one): not comparable
