@@ -191,6 +191,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, first is the baseline; from {list(VARIANTS)}")
     p.add_argument("--json", default=None, help="write the results here too")
+    p.add_argument("--bf16", action="store_true",
+                   help="run every step under torch.autocast(bfloat16), as trainer.precision=bf16-mixed does")
     p.add_argument("--arch", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE...]",
                    help="extra variant: the first --variants entry's objectives with these Hydra overrides")
     args = p.parse_args()
@@ -224,7 +226,8 @@ def main():
     opts = {n: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4) for n, m in models.items()}
 
     def one_step(n):
-        loss = step_fn(models[n], batch, plain=plain[n])
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = step_fn(models[n], batch, plain=plain[n])
         loss.backward()
         opts[n].step()
         opts[n].zero_grad(set_to_none=True)
@@ -262,7 +265,8 @@ def main():
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"batch": args.batch, "audio_s": audio_s, "steps": args.steps, "results": results}, f, indent=2)
+            json.dump({"batch": args.batch, "audio_s": audio_s, "steps": args.steps, "bf16": args.bf16,
+                       "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,27 @@ def test_grad_reaches_embeds_but_not_llm(tiny_ckpts):
     assert grad[pad].abs().max() == 0  # padded positions never influence the loss
 
 
+def test_cpu_autocast_leaves_the_llm_in_its_own_precision(tiny_ckpts):
+    """trainer.precision=bf16-mixed on CPU: the fp32 LLM runs outside autocast (megatron's frozen-weight linear
+    cannot backpropagate a bf16 gradient into fp32 weights), so loss, input gradient and pooled states are the
+    fp32 ones, not bf16 approximations."""
+    host = get_host(tiny_ckpts["gqa_untied"])
+    ids, lengths, labels = probe_inputs(host.vocab_size)
+
+    def probe(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            x = host.embed(ids).detach().float().requires_grad_(True)  # [B, L, H]
+            token_loss, loss = host.forward_embeds(x, labels, lengths=lengths)
+            pooled = host.pooled_hidden(ids, lengths)  # [B, H]
+        loss.backward()  # outside autocast, where Lightning's precision plugin calls it
+        return {"token_loss": token_loss.detach(), "grad": x.grad, "pooled": pooled}
+
+    ref, amp = probe(False), probe(True)
+    for key in ref:
+        assert amp[key].dtype == torch.float32, key
+        torch.testing.assert_close(amp[key], ref[key], msg=key)
+
+
 def test_host_stays_out_of_owner_state(tiny_ckpts):
     host = get_host(tiny_ckpts["gqa_untied"])
     owner = torch.nn.Module()

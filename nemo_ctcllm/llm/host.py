@@ -26,6 +26,7 @@ the LLM out of eval mode. The host registers no buffers; it is rebuilt from the 
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from pathlib import Path
@@ -47,6 +48,21 @@ from .convert import (
 )
 
 IGNORE_INDEX = -100
+
+
+def _own_precision(fn):
+    """Run an LLM entry point in the LLM's own parameter dtype, outside CPU autocast.
+
+    Under ``trainer.precision=bf16-mixed`` on a CPU, autocast would hand bf16 activations to the frozen fp32
+    weights, and megatron's frozen-weight linear then fails in backward (bf16 gradient @ fp32 weight). On GPU
+    the weights are bf16 already and CUDA autocast is left alone."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -258,6 +274,7 @@ class LLMHost(nn.Module):
 
     # ------------------------------------------------------------------ tensors
 
+    @_own_precision
     def embed(self, ids: Tensor) -> Tensor:
         """LLM input embeddings [B, L, H] (params dtype) of ids [B, L]: vocab-parallel lookup + all-reduce."""
         return self.gpt.embedding.word_embeddings(ids.to(self.device))  # [B, L, H]
@@ -271,6 +288,7 @@ class LLMHost(nn.Module):
         x = inputs_embeds.to(self.device, self.dtype).transpose(0, 1).contiguous()  # [L, B, H]
         return x, lengths, causal_padding_mask(lengths, L)
 
+    @_own_precision
     def forward_embeds(
         self,
         inputs_embeds: Tensor,
@@ -307,6 +325,7 @@ class LLMHost(nn.Module):
 
     forward = forward_embeds
 
+    @_own_precision
     def vocab_parallel_logits(self, inputs_embeds: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """This rank's vocab shard of the logits [B, L, V/N] (fp32); rows past ``lengths`` are junk."""
         x, lengths, mask = self._decoder_inputs(inputs_embeds, lengths, None)
@@ -314,6 +333,7 @@ class LLMHost(nn.Module):
         logits = self.gpt(input_ids=None, position_ids=position_ids, attention_mask=mask, decoder_input=x)
         return logits.float()  # GPTModel already returns [B, L, V/N] when no labels are given
 
+    @_own_precision
     def hidden_states(self, inputs_embeds: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """Last-layer hidden states [B, L, H] (final RMSNorm applied) for embeds [B, L, H]."""
         x, lengths, mask = self._decoder_inputs(inputs_embeds, lengths, None)
