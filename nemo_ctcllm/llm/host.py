@@ -51,7 +51,8 @@ IGNORE_INDEX = -100
 
 
 def _own_precision(fn):
-    """Run an LLM entry point in the LLM's own parameter dtype, outside CPU autocast.
+    """Run an LLM forward in the LLM's own parameter dtype, outside CPU autocast (the embedding lookup in
+    ``embed`` needs no guard: autocast leaves it alone).
 
     Under ``trainer.precision=bf16-mixed`` on a CPU, autocast would hand bf16 activations to the frozen fp32
     weights, and megatron's frozen-weight linear then fails in backward (bf16 gradient @ fp32 weight). On GPU
@@ -274,7 +275,6 @@ class LLMHost(nn.Module):
 
     # ------------------------------------------------------------------ tensors
 
-    @_own_precision
     def embed(self, ids: Tensor) -> Tensor:
         """LLM input embeddings [B, L, H] (params dtype) of ids [B, L]: vocab-parallel lookup + all-reduce."""
         return self.gpt.embedding.word_embeddings(ids.to(self.device))  # [B, L, H]
