@@ -8,6 +8,8 @@ same data order and step budget; greedy-CTC WER of the exported model (no LLM); 
     python scripts/ablate.py --rescore             # score the finished runs' exports again, then rebuild
     python scripts/ablate.py --quick --work /tmp/q  # the whole pipeline on a tiny corpus and model (~2 min)
 
+The runs train on the first 3,000 training utterances of the demo corpus (--data) with a BPE-128 tokenizer built
+on them, both written under --work (`--prepare` writes only these).
 Each run trains with scripts/train.py in its own folder under --work (a killed run resumes where it stopped)
 and writes docs/results/ablation/<run>_s<seed>.json; finished runs are skipped. The table goes into
 docs/RESULTS.md between the ablation markers, the plots into docs/results/.
@@ -19,7 +21,7 @@ import sys
 
 from tqdm import tqdm
 
-from nemo_ctcllm.ablation import REPO, RUNS, rescore, result_path, run_one, summarise, write_section
+from nemo_ctcllm.ablation import REPO, RUNS, prepare_corpus, rescore, result_path, run_one, summarise, write_section
 
 
 def quick_setup(work: str):
@@ -50,6 +52,8 @@ def main(argv=None):
     p.add_argument("--data", default=os.path.join(REPO, "demo_data"), help="the demo corpus folder")
     p.add_argument("--config", default="conformer_ctc_llm_ablation")
     p.add_argument("--summarise", action="store_true", help="don't train; rebuild the table and plots")
+    p.add_argument("--prepare", action="store_true",
+                   help="only write the benchmark's training manifest and tokenizer under --work (for `make mlm`)")
     p.add_argument("--quick", action="store_true", help="tiny corpus + model, 2 runs: checks the pipeline")
     p.add_argument("--force", action="store_true", help="redo runs that have a result file")
     p.add_argument("--rescore", action="store_true",
@@ -68,6 +72,11 @@ def main(argv=None):
         extra = quick_extra + extra
         results = args.results or os.path.join(args.work, "results")
         report, plots = os.path.join(args.work, "report.md"), os.path.join(args.work, "plots")
+    elif not (args.summarise or args.rescore):
+        extra = prepare_corpus(data, args.work) + extra
+        if args.prepare:
+            print("\n".join(extra))
+            return
     if args.runs:
         known = {r.name: r for r in runs}
         unknown = [n for n in args.runs.split(",") if n not in known]

@@ -7,7 +7,7 @@ festvox-kdlpc16k festvox-us-slt-hts). See nemo_ctcllm/data/demo.py for voices pe
 
 Example::
 
-    python scripts/make_demo_data.py --out demo_data            # defaults: 3000/200/300/200
+    python scripts/make_demo_data.py --out demo_data            # defaults: 10000/200/300/200
     python scripts/make_demo_data.py --out /tmp/tiny --num-train 12 --num-dev 4 \
         --num-test 4 --num-test-unseen-engine 4 --force
 """
@@ -29,7 +29,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Generate the nemo_ctcllm demo speech corpus.")
     p.add_argument("--out", default="demo_data", help="output directory (default: demo_data)")
-    p.add_argument("--num-train", type=int, default=3000)
+    p.add_argument("--num-train", type=int, default=10000)
     p.add_argument("--num-dev", type=int, default=200)
     p.add_argument("--num-test", type=int, default=300)
     p.add_argument("--num-test-unseen-engine", type=int, default=200)

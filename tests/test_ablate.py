@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -104,3 +106,21 @@ def test_the_table_reports_each_runs_own_logged_step_time_against_plain_ctc(tmp_
             summarise(str(tmp_path), str(tmp_path / "plots")).splitlines() if line.startswith("| ")}
     assert rows["plain_ctc"][-2] == "1.00" and rows["llm_reward"][-2] == "2.00"  # 1.4 / mean(0.8, 0.6)
     assert rows["interctc"][-2] == "—"  # two threads (not recorded as one): not comparable
+
+
+def test_the_benchmark_trains_on_a_prefix_of_the_demo_corpus_with_its_own_tokenizer(demo_corpus, tmp_path):
+    from nemo_ctcllm.ablation import prepare_corpus
+
+    data = os.path.dirname(demo_corpus["train"])
+    overrides = dict(o.split("=", 1) for o in prepare_corpus(data, str(tmp_path), n=20, vocab_size=48))
+    manifest, tokenizer = overrides["model.train_ds.manifest_filepath"], overrides["model.tokenizer.dir"]
+    assert overrides["demo_dir"] == data
+    assert open(manifest).read().splitlines() == open(demo_corpus["train"]).read().splitlines()[:20]
+    model = os.path.join(tokenizer, "tokenizer.model")
+    stamp = os.path.getmtime(model)
+    prepare_corpus(data, str(tmp_path), n=20, vocab_size=48)
+    assert os.path.getmtime(model) == stamp  # same texts: the tokenizer is kept
+    prepare_corpus(data, str(tmp_path), n=22, vocab_size=48)
+    assert os.path.getmtime(model) != stamp  # other texts: trained again, not silently reused
+    with pytest.raises(ValueError, match=r"params.json.*at least 25 training utterances"):
+        prepare_corpus(data, str(tmp_path), n=25)

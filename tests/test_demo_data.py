@@ -142,6 +142,11 @@ def test_manifests_and_audio(corpus):
         assert os.path.exists(os.path.join(out, name))
     stats = json.load(open(os.path.join(out, "stats.json")))
     assert stats["total"]["utterances"] == 24
+    train_words = {w for e in _read_manifest(manifests["train"]) for w in e["text"].split()}
+    for split in ("dev", "test", "test_unseen_engine"):
+        words = [w for e in _read_manifest(manifests[split]) for w in e["text"].split()]
+        rate = sum(w not in train_words for w in words) / len(words)
+        assert stats["splits"][split]["unseen_word_rate"] == round(rate, 4) and 0 < rate < 1
 
 
 @needs_engines

@@ -508,7 +508,7 @@ def _write_json(path: str, obj) -> None:
 
 def make_demo_corpus(
     out_dir: str = "demo_data",
-    num_train: int = 3000,
+    num_train: int = 10000,
     num_dev: int = 200,
     num_test: int = 300,
     num_test_unseen_engine: int = 200,
@@ -638,6 +638,13 @@ def make_demo_corpus(
             "voices": sorted(voices),
             "num_sentences": len({j.sentence for j in plan[split]}),
         }
+    # how many of an evaluation split's words the training transcripts never contain: a CTC model trained
+    # briefly spells such words mostly wrong, so this bounds what the corpus size can buy (docs/RESULTS.md)
+    train_words = {w for j in plan["train"] for w in j.text.split()}
+    for split in SPLITS[1:]:
+        words = [w for j in plan[split] for w in j.text.split()]
+        unseen = sum(w not in train_words for w in words)
+        stats["splits"][split]["unseen_word_rate"] = round(unseen / len(words), 4) if words else 0.0
     tot_n = sum(s["utterances"] for s in stats["splits"].values())
     tot_h = sum(sum(durations[(sp, j.index)] for j in plan[sp]) for sp in SPLITS) / 3600
     stats["total"] = {"utterances": tot_n, "hours": round(tot_h, 4)}
@@ -663,8 +670,9 @@ def _write_readme(out_dir: str, stats: dict) -> None:
     ]
     for split, s in stats["splits"].items():
         eng = ", ".join(f"{k}={v}" for k, v in s["engines"].items())
+        unseen = f", {100 * s['unseen_word_rate']:.1f} % of its words not in train" if "unseen_word_rate" in s else ""
         lines.append(f"{split}: {s['utterances']} utterances, {s['hours']:.3f} h, mean {s['mean_duration_s']:.2f} s, "
-                     f"{s['num_voices']} voices ({eng}), manifest {s['manifest']}")
+                     f"{s['num_voices']} voices ({eng}), manifest {s['manifest']}{unseen}")
     lines.append("")
     for split, s in stats["splits"].items():
         lines.append(f"voices in {split}: " + " ".join(s["voices"]))
