@@ -307,7 +307,9 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(demo_corpus
     _run_train(cfg_for("killed"), tmp_path, "killed_2")  # same exp dir: resumes from the last checkpoint
     resumed = _tb_losses(tmp_path / "killed")
     files = {p.name: sorted(_tb_losses_file(p)) for p in (tmp_path / "killed").rglob("events.out.tfevents.*")}
-    assert sorted(resumed) == list(range(14)), (files, step, {k: (resumed.get(k), reference[k]) for k in range(14)})
+    # SIGKILL loses whatever TensorBoard events the killed process had not flushed, so some steps before the
+    # checkpoint may be missing from its file; every step from the checkpoint on must be there
+    assert set(range(step, 14)) <= set(resumed) <= set(range(14)), (files, step, sorted(resumed))
     newest = max((tmp_path / "killed").rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     assert min(_tb_losses_file(newest)) == step  # the second process really resumed there
     for k in range(step, 14):  # every step after the checkpoint was recomputed by the resumed process
