@@ -92,6 +92,26 @@ RUNS: List[Run] = [
 _SINGLE = {r.name: r for r in RUNS}
 RUNS.append(combine("combo_reward_lang_contrastive", [_SINGLE["llm_reward"], _SINGLE["lang_contrastive"]]))
 
+
+def variant(base: str, suffix: str, note: str, **keys) -> Run:
+    """``base`` with some of its objective's keys changed (what was tried to make it work): same step cost."""
+    run = _SINGLE[base]
+    block = next(o.split(".")[2] for o in run.overrides if o.endswith(".enabled=true"))
+    changed = {f"model.objectives.{block}.{k}": v for k, v in keys.items()}
+    kept = [o for o in run.overrides if o.split("=", 1)[0] not in changed]
+    return Run(f"{base}_{suffix}", kept + [f"{k}={v}" for k, v in changed.items()],
+               bench_variant=run.bench_variant, note=f"tuning {base}: {note}")
+
+
+# Tuning: the objectives closest to the control, with a larger weight, a warm-up or another layer.
+RUNS += [
+    variant("llm_reward", "w0.2", "weight 0.05 -> 0.2", weight=0.2),
+    variant("lang_contrastive", "head3", "on the intermediate CTC head (block 3) instead of the final one",
+            head_block=3),
+    variant("joint_lm", "w1_warm300", "weight 0.3 -> 1.0, ramped in over the first 300 steps",
+            weight=1.0, warmup_steps=300),
+]
+
 EVAL_SPLITS = {"dev": "dev_manifest.json", "test": "test_manifest.json",
                "test_unseen_engine": "test_unseen_engine_manifest.json"}
 
