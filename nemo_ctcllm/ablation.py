@@ -370,45 +370,84 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
                  "step time Lightning logged during the run (every 25th step here; one thread, beside another run, so "
                  "rough) over plain CTC's; runs with another thread count are left out of it. Commits and exact "
                  "commands are in each run's file.")
-    _plots(by_run, names, plots_dir)
+    _plots(by_run, names, plots_dir, floor)
     return "\n".join(lines) + "\n"
 
 
-def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str) -> None:
+def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str, floor: Optional[float]) -> None:
+    """ablation_dev_wer.png: one panel per run, its dev curve(s) over the intermediate-CTC control's seed band
+    (grey) and plain CTC (dashed). ablation_test_wer.png: every seed's final WER per run and split, with the
+    control's mean and, on test, the noise floor around it (a run whose mean lies there is no different) and
+    the goal (10 % relative below the control)."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(plots_dir, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for n in names:
+
+    def band(run: str):  # per validation (the i-th of each seed: their steps differ by a few): step, min, max
+        curves = [r["dev_curve"] for r in by_run.get(run, []) if r["dev_curve"]]
+        points = list(zip(*curves))  # [((step, wer) of each seed) for the i-th validation]
+        return ([statistics.mean(s for s, _ in p) for p in points], [100 * min(w for _, w in p) for p in points],
+                [100 * max(w for _, w in p) for p in points])
+
+    panels = [n for n in names if n not in ("interctc", "plain_ctc")] or list(names)
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), sharex=True, sharey=True, squeeze=False)
+    control, plain = band("interctc"), band("plain_ctc")
+    for ax, n in zip(axes.flat, panels):
+        if control[0]:
+            ax.fill_between(control[0], control[1], control[2], color="0.6", alpha=0.5, lw=0, label="interctc control")
+        if plain[0]:
+            ax.plot(plain[0], [(a + b) / 2 for a, b in zip(plain[1], plain[2])], "k--", lw=1, label="plain CTC")
         for r in by_run[n]:
             if r["dev_curve"]:
                 steps, wers = zip(*r["dev_curve"])
-                ax.plot(steps, [100 * w for w in wers], marker="o", ms=3, label=f"{n} s{r['seed']}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("dev WER (%)")
-    ax.set_title("Dev WER during training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+                ax.plot(steps, [100 * w for w in wers], marker="o", ms=2.5, lw=1.2, label=f"seed {r['seed']}")
+        ax.set_title(n, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.supxlabel("optimizer step", fontsize=9)
+    fig.supylabel("dev WER (%)", fontsize=9)
+    fig.suptitle("Dev WER during training: each run against the intermediate-CTC control (grey: its seeds' range)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(plots_dir, "ablation_dev_wer.png"), dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, n in enumerate(names):
-        for split, dx, color in (("test", -0.2, "tab:blue"), ("test_unseen_engine", 0.2, "tab:orange")):
+    splits = (("dev", "dev"), ("test", "test (unseen voices)"), ("test_unseen_engine", "unseen engine"))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 0.32 * len(names) + 1.6), sharey=True)
+    ys = range(len(names))
+    for ax, (split, title) in zip(axes, splits):
+        ctrl = [100 * r["metrics"][split]["wer"] for r in by_run.get("interctc", []) if split in r["metrics"]]
+        if ctrl:
+            m = statistics.mean(ctrl)
+            ax.axvline(m, color="0.4", lw=1, label="control mean")
+            if split == "test":  # the floor is measured on test WER, and so is the goal
+                ax.axvspan(m - (floor or 0), m + (floor or 0), color="0.85", lw=0,
+                           label="± noise floor (no difference)")
+                ax.axvline(0.9 * m, color="tab:red", ls=":", lw=1.2, label="goal: −10 % vs control")
+        for y, n in zip(ys, names):
             vals = [100 * r["metrics"][split]["wer"] for r in by_run[n] if split in r["metrics"]]
-            if vals:
-                m = statistics.mean(vals)
-                err = [[m - min(vals)], [max(vals) - m]]
-                ax.bar(i + dx, m, width=0.4, color=color, yerr=err, capsize=3,
-                       label=split if i == 0 else None)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel("WER (%)")
-    ax.set_title("Final WER of the exported model (bars: mean over seeds, whiskers: min–max)")
-    ax.legend()
+            ax.plot(vals, [y] * len(vals), "o", ms=4, color="tab:blue", alpha=0.8)
+            if len(vals) > 1:
+                ax.plot([statistics.mean(vals)], [y], "|", ms=10, mew=2, color="k")
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("WER (%)", fontsize=8)
+        if split == "test":
+            ax.legend(fontsize=6, loc="lower right")
+    axes[0].set_yticks(list(ys), names)
+    axes[0].invert_yaxis()
+    fig.suptitle("Final WER of the exported model (dots: seeds, bar: their mean)", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(plots_dir, "ablation_test_wer.png"), dpi=110)
     plt.close(fig)

@@ -106,6 +106,7 @@ def test_the_table_reports_each_runs_own_logged_step_time_against_plain_ctc(tmp_
             summarise(str(tmp_path), str(tmp_path / "plots")).splitlines() if line.startswith("| ")}
     assert rows["plain_ctc"][-2] == "1.00" and rows["llm_reward"][-2] == "2.00"  # 1.4 / mean(0.8, 0.6)
     assert rows["interctc"][-2] == "—"  # two threads (not recorded as one): not comparable
+    assert all((tmp_path / "plots" / f"ablation_{p}_wer.png").stat().st_size > 0 for p in ("dev", "test"))
 
 
 def test_the_benchmark_trains_on_a_prefix_of_the_demo_corpus_with_its_own_tokenizer(demo_corpus, tmp_path):
