@@ -445,7 +445,7 @@ def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str, 
         ax.tick_params(labelsize=7)
         ax.set_xlabel("WER (%)", fontsize=8)
         if split == "test":
-            ax.legend(fontsize=6, loc="lower right")
+            ax.legend(fontsize=6, loc="upper left")
     axes[0].set_yticks(list(ys), names)
     axes[0].invert_yaxis()
     fig.suptitle("Final WER of the exported model (dots: seeds, bar: their mean)", fontsize=10)
