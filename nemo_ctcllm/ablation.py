@@ -123,6 +123,13 @@ TRAIN_UTTERANCES = 3000
 VOCAB_SIZE = 128
 
 
+def suite_name(n: int = TRAIN_UTTERANCES) -> str:
+    """The name of the benchmark on the first ``n`` training utterances: its work folder, its result folder
+    (docs/results/<name>), its plots' prefix and its section markers in docs/RESULTS.md. The 3,000-utterance
+    benchmark keeps the plain name its files were made under."""
+    return "ablation" if n == TRAIN_UTTERANCES else f"ablation_{n}"
+
+
 def prepare_corpus(data_dir: str, work: str, n: int = TRAIN_UTTERANCES, vocab_size: int = VOCAB_SIZE) -> List[str]:
     """Write the benchmark's training manifest (the first ``n`` lines of the demo corpus's) and its BPE tokenizer
     trained on them under ``work``; returns the Hydra overrides that point a run at them."""
@@ -214,7 +221,7 @@ def score_export(infer: str, data_dir: str, label: str, log=print) -> dict:
 
 
 def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, config: str, extra: Sequence[str],
-            log=print) -> dict:
+            train_utterances: Optional[int] = None, log=print) -> dict:
     """Train (or resume) one run, export it, score it, write its result file; returns the result."""
     from nemo_ctcllm.export import export_for_inference
 
@@ -242,7 +249,7 @@ def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, conf
         "steps": int(curve[-1][0]) if curve else None, "dev_curve": curve, **scored,
         "train_step_s_mean": train_step_seconds(exp_dir),
         "bench_variant": run.bench_variant, "every_n_steps": run.every, "cost_parts": run.cost_parts,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "train_utterances": train_utterances,
     }
     os.makedirs(results, exist_ok=True)
     with open(result_path(results, run.name, seed), "w") as f:
@@ -294,9 +301,10 @@ def _cost_cells(result: dict, bench: dict) -> Tuple[str, str]:
 
 
 def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, order: Sequence[str] = (),
-              reference_json: Optional[str] = None) -> str:
-    """The ablation table (markdown) and two PNG plots, from the per-run files only; ``reference_json`` (the
-    scripts/whisper_reference.py summary) adds the external yardstick as the last row."""
+              reference_json: Optional[str] = None, prefix: str = "ablation") -> str:
+    """The ablation table (markdown) and two PNG plots (<prefix>_dev_wer.png, <prefix>_test_wer.png), from the
+    per-run files only; ``reference_json`` (the scripts/whisper_reference.py summary) adds the external
+    yardstick as the last row."""
     by_run = load_results(results)
     if not by_run:
         return "_no finished runs yet_\n"
@@ -371,13 +379,14 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
                  "step time Lightning logged during the run (every 25th step here; one thread, beside another run, so "
                  "rough) over plain CTC's; runs with another thread count are left out of it. Commits and exact "
                  "commands are in each run's file.")
-    _plots(by_run, names, plots_dir, floor)
+    _plots(by_run, names, plots_dir, floor, prefix)
     return "\n".join(lines) + "\n"
 
 
-def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str, floor: Optional[float]) -> None:
-    """ablation_dev_wer.png: one panel per run, its dev curve(s) over the intermediate-CTC control's seed band
-    (grey) and plain CTC (dashed). ablation_test_wer.png: every seed's final WER per run and split, with the
+def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str, floor: Optional[float],
+           prefix: str) -> None:
+    """<prefix>_dev_wer.png: one panel per run, its dev curve(s) over the intermediate-CTC control's seed band
+    (grey) and plain CTC (dashed). <prefix>_test_wer.png: every seed's final WER per run and split, with the
     control's mean and, on test, the noise floor around it (a run whose mean lies there is no different) and
     the goal (10 % relative below the control)."""
     import math
@@ -420,7 +429,7 @@ def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str, 
     fig.suptitle("Dev WER during training: each run against the intermediate-CTC control (grey: its seeds' range)",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(plots_dir, "ablation_dev_wer.png"), dpi=110)
+    fig.savefig(os.path.join(plots_dir, f"{prefix}_dev_wer.png"), dpi=110)
     plt.close(fig)
 
     splits = (("dev", "dev"), ("test", "test (unseen voices)"), ("test_unseen_engine", "unseen engine"))
@@ -450,13 +459,13 @@ def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str, 
     axes[0].invert_yaxis()
     fig.suptitle("Final WER of the exported model (dots: seeds, bar: their mean)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(plots_dir, "ablation_test_wer.png"), dpi=110)
+    fig.savefig(os.path.join(plots_dir, f"{prefix}_test_wer.png"), dpi=110)
     plt.close(fig)
 
 
-def write_section(report: str, table: str, header: str) -> None:
-    """Replace the text between the ablation markers of ``report`` (or create the file)."""
-    begin, end = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+def write_section(report: str, table: str, header: str, name: str = "ablation") -> None:
+    """Replace the text between the ``name`` markers of ``report`` (or append them and it)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     block = f"{begin}\n{header}\n{table}{end}"
     text = open(report).read() if os.path.isfile(report) else ""
     if begin in text and end in text:

@@ -7,12 +7,15 @@ same data order and step budget; greedy-CTC WER of the exported model (no LLM); 
     python scripts/ablate.py --summarise           # only rebuild the table and plots from docs/results/ablation
     python scripts/ablate.py --rescore             # score the finished runs' exports again, then rebuild
     python scripts/ablate.py --quick --work /tmp/q  # the whole pipeline on a tiny corpus and model (~2 min)
+    python scripts/ablate.py --train-utterances 10000 --runs plain_ctc,interctc --seeds 0,1   # a larger corpus
 
-The runs train on the first 3,000 training utterances of the demo corpus (--data) with a BPE-128 tokenizer built
-on them, both written under --work (`--prepare` writes only these).
+The runs train on the first 3,000 training utterances of the demo corpus (--data; --train-utterances N for
+another prefix) with a BPE-128 tokenizer built on them, both written under --work (`--prepare` writes only
+these). Each corpus size is its own benchmark, named `ablation` for 3,000 and `ablation_<N>` otherwise: work
+folder artifacts/<name>, results docs/results/<name>/, plots docs/results/<name>_{dev,test}_wer.png, and its
+own section of docs/RESULTS.md between the <name> markers.
 Each run trains with scripts/train.py in its own folder under --work (a killed run resumes where it stopped)
-and writes docs/results/ablation/<run>_s<seed>.json; finished runs are skipped. The table goes into
-docs/RESULTS.md between the ablation markers, the plots into docs/results/.
+and writes <results>/<run>_s<seed>.json; finished runs are skipped.
 """
 import argparse
 import dataclasses
@@ -21,7 +24,8 @@ import sys
 
 from tqdm import tqdm
 
-from nemo_ctcllm.ablation import REPO, RUNS, prepare_corpus, rescore, result_path, run_one, summarise, write_section
+from nemo_ctcllm.ablation import (REPO, RUNS, TRAIN_UTTERANCES, prepare_corpus, rescore, result_path, run_one,
+                                  suite_name, summarise, write_section)
 
 
 def quick_setup(work: str):
@@ -47,8 +51,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", help="comma-separated run names (default: all)")
     p.add_argument("--seeds", help="comma-separated seeds for every selected run (default: each run's own)")
-    p.add_argument("--work", default=os.path.join(REPO, "artifacts", "ablation"), help="experiment folders")
-    p.add_argument("--results", help="per-run result files (default: docs/results/ablation; --quick: <work>/results)")
+    p.add_argument("--work", help="experiment folders (default: artifacts/<benchmark name>)")
+    p.add_argument("--results",
+                   help="per-run result files (default: docs/results/<benchmark name>; --quick: <work>/results)")
+    p.add_argument("--train-utterances", type=int, default=TRAIN_UTTERANCES,
+                   help="train on this many first utterances of the demo corpus (default: %(default)s)")
     p.add_argument("--data", default=os.path.join(REPO, "demo_data"), help="the demo corpus folder")
     p.add_argument("--config", default="conformer_ctc_llm_ablation")
     p.add_argument("--summarise", action="store_true", help="don't train; rebuild the table and plots")
@@ -63,7 +70,11 @@ def main(argv=None):
 
     # the same step budget for every run: the config's wall-clock cap would cut a slower run short
     runs, extra, data = list(RUNS), ["trainer.max_time=null", *args.override], args.data
-    results = args.results or os.path.join(REPO, "docs", "results", "ablation")
+    if args.train_utterances < 1:
+        p.error(f"--train-utterances: must be a positive count, got {args.train_utterances}")
+    name = suite_name(args.train_utterances)
+    args.work = args.work or os.path.join(REPO, "artifacts", name)
+    results = args.results or os.path.join(REPO, "docs", "results", name)
     report = os.path.join(REPO, "docs", "RESULTS.md")
     plots = os.path.join(REPO, "docs", "results")
     if args.quick:
@@ -73,7 +84,7 @@ def main(argv=None):
         results = args.results or os.path.join(args.work, "results")
         report, plots = os.path.join(args.work, "report.md"), os.path.join(args.work, "plots")
     elif not (args.summarise or args.rescore):
-        extra = prepare_corpus(data, args.work) + extra
+        extra = prepare_corpus(data, args.work, n=args.train_utterances) + extra
         if args.prepare:
             print("\n".join(extra))
             return
@@ -101,14 +112,16 @@ def main(argv=None):
                 tqdm.write(f"{run.name} s{seed}: already finished ({result_path(results, run.name, seed)})")
                 continue
             run_one(run, seed, work=args.work, results=results, data_dir=data, config=args.config, extra=extra,
-                    log=tqdm.write)
+                    train_utterances=None if args.quick else args.train_utterances, log=tqdm.write)
     table = summarise(results, plots, bench_json=os.path.join(REPO, "docs", "results", "bench_step.json"),
                       order=[r.name for r in RUNS],
-                      reference_json=None if args.quick else os.path.join(REPO, "docs", "results", "whisper_base.json"))
+                      reference_json=None if args.quick else os.path.join(REPO, "docs", "results", "whisper_base.json"),
+                      prefix=name)
     rel = os.path.relpath(plots, os.path.dirname(report))
-    header = (f"### Ablation table (generated by `scripts/ablate.py` from `{os.path.relpath(results, REPO)}`)\n\n"
-              f"![dev WER]({rel}/ablation_dev_wer.png) ![test WER]({rel}/ablation_test_wer.png)\n")
-    write_section(report, table, header)
+    size = "" if args.quick else f": {args.train_utterances:,} training utterances"
+    header = (f"### Ablation table{size} (generated by `scripts/ablate.py` from `{os.path.relpath(results, REPO)}`)\n\n"
+              f"![dev WER]({rel}/{name}_dev_wer.png) ![test WER]({rel}/{name}_test_wer.png)\n")
+    write_section(report, table, header, name)
     print(table)
 
 

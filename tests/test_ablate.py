@@ -125,3 +125,18 @@ def test_the_benchmark_trains_on_a_prefix_of_the_demo_corpus_with_its_own_tokeni
     assert os.path.getmtime(model) != stamp  # other texts: trained again, not silently reused
     with pytest.raises(ValueError, match=r"params.json.*at least 25 training utterances"):
         prepare_corpus(data, str(tmp_path), n=25)
+
+
+def test_each_corpus_size_is_its_own_benchmark_with_its_own_report_section(tmp_path):
+    """--train-utterances N writes its own results, plots and RESULTS section; the others are left as they are."""
+    from nemo_ctcllm.ablation import suite_name, write_section
+
+    assert suite_name(3000) == "ablation" and suite_name(10000) == "ablation_10000"
+    report = tmp_path / "RESULTS.md"
+    report.write_text("# Results\n\n<!-- ablation:begin -->\nold 3k\n<!-- ablation:end -->\n\n## Later\n")
+    write_section(str(report), "10k table\n", "### 10k", suite_name(10000))
+    write_section(str(report), "3k table\n", "### 3k", suite_name(3000))
+    write_section(str(report), "10k table, more runs\n", "### 10k", suite_name(10000))
+    text = report.read_text()
+    assert "old 3k" not in text and "3k table" in text and text.count("10k table") == 1
+    assert "10k table, more runs" in text and text.index("## Later") < text.index("<!-- ablation_10000:begin -->")
