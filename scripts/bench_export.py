@@ -6,7 +6,8 @@ reference plain ``EncDecCTCModelBPE`` of the same size (default: the plain_ctc r
 restores as, its parameter count, its ``.nemo`` size and its transcription throughput (seconds of audio per
 wall-clock second, ``model.transcribe`` on a manifest, batch 16, greedy CTC), each as a ratio to the
 reference. Rounds are interleaved (every model once per round, median over rounds), so that load from other
-processes hits every model alike.
+processes hits every model alike, and each round starts at the next model, so that no model always runs first
+(right after the previous round's last); every round's throughput is kept in the output file.
 
     python scripts/bench_export.py                                  # ablation exports vs plain_ctc s0
     python scripts/bench_export.py --models a.nemo b.nemo --reference plain.nemo --manifest demo_data/dev_manifest.json
@@ -57,8 +58,10 @@ def main(argv=None):
         model.transcribe(audio[:4], batch_size=4, verbose=False)  # warm-up
         loaded[path] = model
     speed = {path: [] for path in paths}
-    for _ in tqdm(range(args.rounds), desc="rounds", file=sys.stdout):
-        for path, model in loaded.items():
+    order = list(loaded)
+    for r in tqdm(range(args.rounds), desc="rounds", file=sys.stdout):
+        for path in order[r % len(order):] + order[:r % len(order)]:
+            model = loaded[path]
             start = time.perf_counter()
             model.transcribe(audio, batch_size=16, verbose=False)
             speed[path].append(seconds / (time.perf_counter() - start))
@@ -77,6 +80,7 @@ def main(argv=None):
             "params_ratio": params / ref_params, "nemo_bytes": os.path.getsize(path),
             "nemo_size_ratio": os.path.getsize(path) / os.path.getsize(reference),
             "audio_s_per_s": statistics.median(speed[path]), "throughput_ratio": statistics.median(speed[path]) / ref_speed,
+            "audio_s_per_s_rounds": [round(v, 1) for v in speed[path]],
         })
     result = {"reference": label(reference), "manifest": os.path.relpath(args.manifest, REPO),
               "audio_seconds": round(seconds, 1), "rounds": args.rounds, "threads": torch.get_num_threads(),

@@ -37,6 +37,7 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
     assert set(parity) == {"plain_ctc_s0", "interctc_s0"}
     assert {r["class"] for r in parity.values()} == {"EncDecCTCModelBPE"}
     assert parity["interctc_s0"]["params_ratio"] == 1.0 and parity["interctc_s0"]["throughput_ratio"] > 0
+    assert len(parity["interctc_s0"]["audio_s_per_s_rounds"]) == 1
     assert "| interctc_s0 | EncDecCTCModelBPE |" in proc.stdout
 
     log = (tmp_path / "plain_ctc_s0" / "train.log").stat().st_size
