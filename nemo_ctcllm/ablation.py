@@ -220,6 +220,16 @@ def score_export(infer: str, data_dir: str, label: str, log=print) -> dict:
             "exported_nemo_bytes": os.path.getsize(infer)}
 
 
+def portable_command(cmd: Sequence[str], work: str) -> str:
+    """The training command as a result file records it: paths relative to the repository, the work folder as
+    ``<work>`` when it lies outside it, so that no file names a machine's folders."""
+    text = " ".join(["python scripts/train.py", *cmd[2:]])
+    work = os.path.abspath(work)
+    outside = os.path.relpath(work, REPO).startswith("..")
+    text = text.replace(work + os.sep, "<work>/" if outside else os.path.relpath(work, REPO) + os.sep)
+    return text.replace(REPO + os.sep, "")
+
+
 def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, config: str, extra: Sequence[str],
             train_utterances: Optional[int] = None, log=print) -> dict:
     """Train (or resume) one run, export it, score it, write its result file; returns the result."""
@@ -244,7 +254,7 @@ def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, conf
     curve = dev_curve(exp_dir)
     result = {
         "run": run.name, "seed": seed, "overrides": run.overrides, "note": run.note,
-        "command": " ".join(["python scripts/train.py", *cmd[2:]]).replace(REPO + os.sep, ""),
+        "command": portable_command(cmd, work),
         "commit": git_commit(), "wall_s_last_sitting": round(wall, 1),
         "steps": int(curve[-1][0]) if curve else None, "dev_curve": curve, **scored,
         "train_step_s_mean": train_step_seconds(exp_dir),

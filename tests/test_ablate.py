@@ -20,6 +20,7 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
         assert set(result["metrics"]) == {"dev", "test", "test_unseen_engine"}
         assert 0.0 <= result["metrics"]["test"]["wer"] and result["dev_curve"]
         assert result["command"].startswith("python scripts/train.py") and result["commit"]
+        assert str(tmp_path) not in result["command"] and f"exp_dir=<work>/{run}_s0" in result["command"]
     # the exported models are plain-CTC sized: the intermediate head is gone
     plain, control = (json.load(open(tmp_path / "results" / f"{r}_s0.json")) for r in ("plain_ctc", "interctc"))
     assert plain["exported_params"] == control["exported_params"]
@@ -54,6 +55,20 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
     engines = after["metrics"]["test"]["by_engine"]
     assert sum(e["utterances"] for e in engines.values()) == after["metrics"]["test"]["utterances"]
     assert (tmp_path / "plain_ctc_s0" / "train.log").stat().st_size == log
+
+
+def test_committed_result_files_name_no_machine_folders():
+    from nemo_ctcllm.ablation import portable_command
+
+    assert portable_command(["python", "train.py", f"exp_dir={REPO}/artifacts/ablation/x_s0"],
+                            str(REPO / "artifacts" / "ablation")) == "python scripts/train.py exp_dir=artifacts/ablation/x_s0"
+    files = sorted((REPO / "docs" / "results").rglob("*.json"))
+    assert files
+    for path in files:
+        text = path.read_text()
+        assert str(REPO) not in text, path
+        command = json.loads(text).get("command", "")
+        assert "=/" not in command and " /" not in command, (path, command)
 
 
 def test_every_ablation_run_composes_into_a_valid_config():
