@@ -42,7 +42,8 @@ def quick_setup(work: str):
     extra = [f"demo_dir={data}", f"model.tokenizer.dir={tok}", "model.encoder.n_layers=4", "model.encoder.d_model=32",
              "model.encoder.n_heads=2", "model.train_ds.batch_duration=12", "model.train_ds.num_workers=0",
              "trainer.max_steps=4", "trainer.limit_train_batches=2", "trainer.check_val_every_n_epoch=1",
-             "trainer.log_every_n_steps=1", "model.log_prediction=false", "trainer.enable_progress_bar=false"]
+             "trainer.log_every_n_steps=1", "model.log_prediction=false", "trainer.enable_progress_bar=false",
+             "exp_manager.checkpoint_callback_params.every_n_train_steps=1"]  # the config's between-validation saves
     runs = [r for r in RUNS if r.name in ("plain_ctc", "interctc")]
     return data, extra, [dataclasses.replace(r, seeds=(0,)) for r in runs]
 

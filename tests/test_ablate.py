@@ -21,6 +21,9 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
         assert 0.0 <= result["metrics"]["test"]["wer"] and result["dev_curve"]
         assert result["command"].startswith("python scripts/train.py") and result["commit"]
         assert str(tmp_path) not in result["command"] and f"exp_dir=<work>/{run}_s0" in result["command"]
+    # the config checkpoints between validations too (every step here, the first before any validation)
+    saves = (tmp_path / "interctc_s0" / "train.log").read_text(errors="replace").count(".nemo model saved")
+    assert saves >= 4, saves
     # the exported models are plain-CTC sized: the intermediate head is gone
     plain, control = (json.load(open(tmp_path / "results" / f"{r}_s0.json")) for r in ("plain_ctc", "interctc"))
     assert plain["exported_params"] == control["exported_params"]
