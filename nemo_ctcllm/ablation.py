@@ -156,6 +156,15 @@ def prepare_corpus(data_dir: str, work: str, n: int = TRAIN_UTTERANCES, vocab_si
     return [f"demo_dir={data_dir}", f"model.train_ds.manifest_filepath={manifest}", f"model.tokenizer.dir={tokenizer}"]
 
 
+def sitting_id() -> Optional[str]:
+    """This machine's boot id, shortened: runs made in one sitting share it. Step times logged in training are
+    only comparable within a sitting (the machines of different sittings differed up to 2x in speed)."""
+    try:
+        return open("/proc/sys/kernel/random/boot_id").read().strip()[:8]
+    except OSError:
+        return None
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
@@ -242,6 +251,7 @@ def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, conf
     os.makedirs(exp_dir, exist_ok=True)
     cmd = train_command(run, seed, work, config, extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
+    commit = git_commit()  # the code that trains, not what the checkout holds when the run ends
     start = time.time()
     with open(os.path.join(exp_dir, "train.log"), "a") as out:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -258,7 +268,7 @@ def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, conf
     result = {
         "run": run.name, "seed": seed, "overrides": run.overrides, "note": run.note,
         "command": portable_command(cmd, work),
-        "commit": git_commit(), "wall_s_last_sitting": round(wall, 1),
+        "commit": commit, "sitting": sitting_id(), "wall_s_last_sitting": round(wall, 1),
         "steps": int(curve[-1][0]) if curve else None, "dev_curve": curve, **scored,
         "train_step_s_mean": train_step_seconds(exp_dir),
         "bench_variant": run.bench_variant, "every_n_steps": run.every, "cost_parts": run.cost_parts,
@@ -345,7 +355,16 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
         secs = [r["train_step_s_mean"] for r in rs if r.get("train_step_s_mean") and r.get("omp_num_threads") == "1"]
         return statistics.mean(secs) if secs else None
 
-    plain_s = in_run(by_run.get("plain_ctc", []))
+    def in_run_ratio(rs: List[dict]):
+        """Mean over the run's seeds of its logged step time over plain CTC's of the same sitting; files from
+        before sittings were recorded are compared with the plain runs of those earlier sittings, as one pool."""
+        plain = by_run.get("plain_ctc", [])
+        ratios = []
+        for r in rs:
+            secs, ref = in_run([r]), in_run([p for p in plain if p.get("sitting") == r.get("sitting")])
+            if secs and ref:
+                ratios.append(secs / ref)
+        return statistics.mean(ratios) if ratios else None
 
     def scores(rs: List[dict]) -> str:
         """The dev, test, test CER, test espeak-ng and unseen-engine cells of one run (mean ± half spread)."""
@@ -371,8 +390,8 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
     for n in names:
         rs = by_run[n]
         ratio, mem = _cost_cells(rs[0], bench)
-        secs = in_run(rs)
-        trained = f"{secs / plain_s:.2f}" if secs and plain_s else "—"
+        ratio_in_run = in_run_ratio(rs)
+        trained = f"{ratio_in_run:.2f}" if ratio_in_run else "—"
         lines.append(
             f"| {n} | {','.join(str(r['seed']) for r in rs)} | {scores(rs)} | {rel(n, 'plain_ctc')} | "
             f"{rel(n, 'interctc')} | {ratio} | {mem} | {trained} | {max((r['steps'] or 0) for r in rs)} |"
@@ -390,7 +409,9 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
                  "Step time and peak memory: scripts/bench_step.py (same batch, same process); an objective that runs "
                  "every k steps costs 1 + (r - 1) / k of its measured ratio r on average. \"In training\": the mean "
                  "step time Lightning logged during the run (every 25th step here; one thread, beside another run, so "
-                 "rough) over plain CTC's; runs with another thread count are left out of it. Commits and exact "
+                 "rough) over plain CTC's in the same sitting (machine boot; files without one: over the plain runs "
+                 "of the sittings before it was recorded), averaged over seeds; runs with another thread count are "
+                 "left out of it. Commits and exact "
                  "commands are in each run's file.")
     _plots(by_run, names, plots_dir, floor, prefix)
     return "\n".join(lines) + "\n"

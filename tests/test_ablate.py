@@ -111,20 +111,29 @@ def test_a_combination_trains_its_parts_together_and_adds_their_step_costs():
     assert _cost_cells({"bench_variant": None}, bench) == ("—", "—")
 
 
-def test_the_table_reports_each_runs_own_logged_step_time_against_plain_ctc(tmp_path):
-    """The in-training cost column: mean logged step time over plain CTC's, one-thread runs only."""
-    from nemo_ctcllm.ablation import summarise
+def test_the_table_reports_each_runs_own_logged_step_time_against_plain_ctc_of_its_sitting(tmp_path):
+    """The in-training cost column: logged step time over plain CTC's of the same sitting (machine boot), one-thread
+    runs only; files from before sittings were recorded share one pool of plain runs."""
+    from nemo_ctcllm.ablation import summarise, sitting_id
 
     split = {"wer": 0.5, "cer": 0.2, "utterances": 4}
-    for run, seed, secs, threads in (("plain_ctc", 0, 0.8, "1"), ("plain_ctc", 1, 0.6, "1"),
-                                     ("llm_reward", 0, 1.4, "1"), ("interctc", 0, 0.3, None)):
+    for run, seed, secs, threads, sitting in (
+            ("plain_ctc", 0, 0.8, "1", None), ("plain_ctc", 1, 0.6, "1", None), ("llm_reward", 0, 1.4, "1", None),
+            ("interctc", 0, 0.3, None, None),
+            # a later sitting on a machine twice as fast: its own plain run is the reference
+            ("plain_ctc", 2, 0.35, "1", "b00t"), ("clip", 0, 0.7, "1", "b00t"), ("clip", 1, 1.05, "1", None),
+            ("byol", 0, 0.7, "1", "elsewhere")):
         result = {"run": run, "seed": seed, "metrics": {s: split for s in ("dev", "test")}, "dev_curve": [[10, 0.6]],
-                  "steps": 10, "train_step_s_mean": secs, "omp_num_threads": threads, "bench_variant": None}
+                  "steps": 10, "train_step_s_mean": secs, "omp_num_threads": threads, "bench_variant": None,
+                  **({"sitting": sitting} if sitting else {})}
         (tmp_path / f"{run}_s{seed}.json").write_text(json.dumps(result))
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in
             summarise(str(tmp_path), str(tmp_path / "plots")).splitlines() if line.startswith("| ")}
     assert rows["plain_ctc"][-2] == "1.00" and rows["llm_reward"][-2] == "2.00"  # 1.4 / mean(0.8, 0.6)
+    assert rows["clip"][-2] == "1.75"  # mean(0.7 / 0.35, 1.05 / 0.7), not 0.875 / mean(0.8, 0.6, 0.35)
     assert rows["interctc"][-2] == "—"  # two threads (not recorded as one): not comparable
+    assert rows["byol"][-2] == "—"  # no plain run in its sitting
+    assert sitting_id() and sitting_id() == sitting_id()  # this machine's, recorded by every new result
     assert all((tmp_path / "plots" / f"ablation_{p}_wer.png").stat().st_size > 0 for p in ("dev", "test"))
 
 
