@@ -413,8 +413,32 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
                  "of the sittings before it was recorded), averaged over seeds; runs with another thread count are "
                  "left out of it. Commits and exact "
                  "commands are in each run's file.")
+    lines += ["", *_paired_vs_control(by_run, names)]
     _plots(by_run, names, plots_dir, floor, prefix)
     return "\n".join(lines) + "\n"
+
+
+def _paired_vs_control(by_run: Dict[str, List[dict]], names: Sequence[str]) -> List[str]:
+    """Test WER minus the control's, seed by seed. A seed fixes the initialisation and the data order of every
+    run, and its own effect is shared (a seed that trains badly does so for all runs), so per-seed differences
+    vary less than the runs' means; an effect shows as differences of one sign on every shared seed."""
+    control = {r["seed"]: 100 * r["metrics"]["test"]["wer"] for r in by_run.get("interctc", []) if "test" in r["metrics"]}
+    rows = []
+    for n in names:
+        diffs = {r["seed"]: 100 * r["metrics"]["test"]["wer"] - control[r["seed"]]
+                 for r in by_run[n] if r["seed"] in control and "test" in r["metrics"]}
+        if n == "interctc" or not diffs:
+            continue
+        d = [diffs[k] for k in sorted(diffs)]
+        verdict = ("lower on every seed" if max(d) < 0 else "higher on every seed" if min(d) > 0 else "mixed")
+        verdict = verdict if len(d) > 1 else "one seed"
+        rows.append(f"| {n} | {', '.join(f's{k} {diffs[k]:+.1f}' for k in sorted(diffs))} | "
+                    f"{statistics.mean(d):+.1f} | {verdict} |")
+    if not rows:
+        return []
+    return ["Test WER minus the control's, seed by seed (same seed: same initialisation and data order, so the "
+            "seed's own effect cancels):", "", "| run | per seed (points) | mean | sign |", "|---|---|---|---|",
+            *rows]
 
 
 def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str, floor: Optional[float],

@@ -127,14 +127,32 @@ def test_the_table_reports_each_runs_own_logged_step_time_against_plain_ctc_of_i
                   "steps": 10, "train_step_s_mean": secs, "omp_num_threads": threads, "bench_variant": None,
                   **({"sitting": sitting} if sitting else {})}
         (tmp_path / f"{run}_s{seed}.json").write_text(json.dumps(result))
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in
-            summarise(str(tmp_path), str(tmp_path / "plots")).splitlines() if line.startswith("| ")}
+    main_table = summarise(str(tmp_path), str(tmp_path / "plots")).split("seed by seed")[0]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in main_table.splitlines()
+            if line.startswith("| ")}
     assert rows["plain_ctc"][-2] == "1.00" and rows["llm_reward"][-2] == "2.00"  # 1.4 / mean(0.8, 0.6)
     assert rows["clip"][-2] == "1.75"  # mean(0.7 / 0.35, 1.05 / 0.7), not 0.875 / mean(0.8, 0.6, 0.35)
     assert rows["interctc"][-2] == "—"  # two threads (not recorded as one): not comparable
     assert rows["byol"][-2] == "—"  # no plain run in its sitting
     assert sitting_id() and sitting_id() == sitting_id()  # this machine's, recorded by every new result
     assert all((tmp_path / "plots" / f"ablation_{p}_wer.png").stat().st_size > 0 for p in ("dev", "test"))
+
+
+def test_the_table_pairs_each_run_with_the_control_seed_by_seed(tmp_path):
+    """Same seed, same initialisation and data order: the per-seed difference to the control, and its sign."""
+    from nemo_ctcllm.ablation import summarise
+
+    for run, seed, wer in (("interctc", 0, 0.60), ("interctc", 1, 0.70), ("plain_ctc", 0, 0.62),
+                           ("plain_ctc", 1, 0.71), ("clip", 0, 0.58), ("clip", 1, 0.71), ("byol", 3, 0.5)):
+        split = {"wer": wer, "cer": 0.2, "utterances": 4}
+        result = {"run": run, "seed": seed, "metrics": {s: split for s in ("dev", "test")}, "dev_curve": [[10, 0.6]],
+                  "steps": 10, "train_step_s_mean": None, "bench_variant": None}
+        (tmp_path / f"{run}_s{seed}.json").write_text(json.dumps(result))
+    table = summarise(str(tmp_path), str(tmp_path / "plots"), order=["plain_ctc", "interctc", "clip", "byol"])
+    paired = table[table.index("seed by seed"):]
+    assert "| plain_ctc | s0 +2.0, s1 +1.0 | +1.5 | higher on every seed |" in paired
+    assert "| clip | s0 -2.0, s1 +1.0 | -0.5 | mixed |" in paired
+    assert "| interctc |" not in paired and "| byol |" not in paired  # the control itself; no shared seed
 
 
 def test_the_benchmark_trains_on_a_prefix_of_the_demo_corpus_with_its_own_tokenizer(demo_corpus, tmp_path):
