@@ -437,7 +437,8 @@ def _paired_vs_control(by_run: Dict[str, List[dict]], names: Sequence[str]) -> L
     if not rows:
         return []
     return ["Test WER minus the control's, seed by seed (same seed: same initialisation and data order, so the "
-            "seed's own effect cancels):", "", "| run | per seed (points) | mean | sign |", "|---|---|---|---|",
+            "seed's own effect cancels). Without any effect, one sign on all of n seeds still happens by chance "
+            "with probability 2^(1-n): 1/2 for two seeds, 1/4 for three.", "", "| run | per seed (points) | mean | sign |", "|---|---|---|---|",
             *rows]
 
 
