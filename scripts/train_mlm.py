@@ -5,7 +5,7 @@ No PyPI package ships a BERT with its masked-LM head, so the demo makes one: a b
 (``tokenizers``), or with ``--asr-tokenizer`` the ASR model's own SentencePiece pieces (recommended: the
 bridge then maps every ASR piece to exactly one MLM token, and the MLM has read text segmented the way the CTC
 head segments it), and a small ``BertForMaskedLM`` from a config (``transformers``), trained with BERT's masking
-(15 %; 80/10/10) on WordNet's example sentences (``nemo_ctcllm/data/sentences.txt``), minus a held-out test
+(15 %; 80/10/10) on WordNet's example sentences (``demo/sentences.txt``), minus a held-out test
 split of distinct sentences. It reports the masked-token accuracy on the test split (every chosen position
 masked) against the unigram baseline (always predict the training corpus' most frequent token), and the
 cross-entropy against the unigram distribution's, and writes a Hugging Face folder (model + tokenizer +
@@ -66,7 +66,7 @@ def evaluate(model, tokenizer, sentences, max_len, unigram_logp, to_ids=None, ba
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
-    p.add_argument("--corpus", default=os.path.join(REPO, "nemo_ctcllm", "data", "sentences.txt"))
+    p.add_argument("--corpus", default=os.path.join(REPO, "demo", "sentences.txt"))
     p.add_argument("--asr-tokenizer", default=None,
                    help="NeMo SentencePiece tokenizer folder (or .model): the MLM's vocabulary is then exactly the "
                         "ASR pieces, so the mlm objective's bridge maps each piece to one MLM token (recommended: "

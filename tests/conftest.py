@@ -26,7 +26,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
     """A small real speech corpus: {split: manifest path} (synthesised once per session)."""
-    from nemo_ctcllm.data.demo import make_demo_corpus
+    from demo.corpus import make_demo_corpus
 
     out = tmp_path_factory.mktemp("demo_data")
     return make_demo_corpus(str(out), num_train=24, num_dev=8, num_test=8, num_test_unseen_engine=4, seed=0, workers=2)
@@ -37,7 +37,7 @@ def tokenizer_dir(tmp_path_factory):
     """SentencePiece BPE (64 pieces) trained on the shipped sentence list."""
     from nemo_ctcllm.data.tokenizer import build_bpe_tokenizer_from_texts
 
-    sentences = (REPO / "nemo_ctcllm" / "data" / "sentences.txt").read_text().splitlines()
+    sentences = (REPO / "demo" / "sentences.txt").read_text().splitlines()
     sentences = [s for s in sentences if s and not s.startswith("#")]
     return build_bpe_tokenizer_from_texts(sentences, str(tmp_path_factory.mktemp("tok")), vocab_size=64)
 

@@ -26,7 +26,7 @@ def make_tiny_bpe_llama(folder, vocab_size: int = 320, seed: int = 0):
     from nemo_ctcllm.data.small_lm import train_byte_level_bpe
 
     make_tiny_llama(folder, seed=seed, vocab_size=vocab_size, num_key_value_heads=2)
-    lines = (REPO / "nemo_ctcllm" / "data" / "sentences.txt").read_text().splitlines()
+    lines = (REPO / "demo" / "sentences.txt").read_text().splitlines()
     lines = [s for s in lines if s and not s.startswith("#")][:5000]
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.exists(os.path.join(folder, f)):

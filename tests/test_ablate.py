@@ -1,4 +1,4 @@
-"""scripts/ablate.py --quick: the whole benchmark pipeline (train, resume-safe bookkeeping, export, score,
+"""benchmarks/ablate.py --quick: the whole benchmark pipeline (train, resume-safe bookkeeping, export, score,
 table, plots) on a tiny corpus and model; a second call finds every run finished and trains nothing."""
 import json
 import os
@@ -12,7 +12,7 @@ from conftest import REPO
 
 def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(REPO / "scripts" / "ablate.py"), "--quick", "--work", str(tmp_path)]
+    cmd = [sys.executable, "-m", "benchmarks.ablate", "--quick", "--work", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for run in ("plain_ctc", "interctc"):
@@ -32,8 +32,8 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
     for png in ("ablation_dev_wer.png", "ablation_test_wer.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
 
-    # inference parity of the exports (scripts/bench_export.py): same class, size and parameters as plain CTC
-    bench = [sys.executable, str(REPO / "scripts" / "bench_export.py"), "--work", str(tmp_path), "--rounds", "1",
+    # inference parity of the exports (benchmarks/bench_export.py): same class, size and parameters as plain CTC
+    bench = [sys.executable, "-m", "benchmarks.bench_export", "--work", str(tmp_path), "--rounds", "1",
              "--manifest", str(tmp_path / "data" / "dev_manifest.json"), "--out", str(tmp_path / "parity.json")]
     proc = subprocess.run(bench, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -61,7 +61,7 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
 
 
 def test_committed_result_files_name_no_machine_folders():
-    from nemo_ctcllm.ablation import portable_command
+    from benchmarks.ablation import portable_command
 
     assert portable_command(["python", "train.py", f"exp_dir={REPO}/artifacts/ablation/x_s0"],
                             str(REPO / "artifacts" / "ablation")) == "python scripts/train.py exp_dir=artifacts/ablation/x_s0"
@@ -78,7 +78,7 @@ def test_every_ablation_run_composes_into_a_valid_config():
     """Each run's overrides apply to the ablation config (no training): the objectives it names are enabled."""
     from hydra import compose, initialize_config_dir
 
-    from nemo_ctcllm.ablation import RUNS
+    from benchmarks.ablation import RUNS
     from nemo_ctcllm.objectives import registered_objectives
 
     assert len({r.name for r in RUNS}) == len(RUNS)
@@ -94,7 +94,7 @@ def test_every_ablation_run_composes_into_a_valid_config():
 
 
 def test_a_combination_trains_its_parts_together_and_adds_their_step_costs():
-    from nemo_ctcllm.ablation import RUNS, SMOLLM2, _cost_cells, combine
+    from benchmarks.ablation import RUNS, SMOLLM2, _cost_cells, combine
 
     runs = {r.name: r for r in RUNS}
     both = combine("both", [runs["llm_lm_loss"], runs["llm_prefix_clm"]])
@@ -114,7 +114,7 @@ def test_a_combination_trains_its_parts_together_and_adds_their_step_costs():
 def test_the_table_reports_each_runs_own_logged_step_time_against_plain_ctc_of_its_sitting(tmp_path):
     """The in-training cost column: logged step time over plain CTC's of the same sitting (machine boot), one-thread
     runs only; files from before sittings were recorded share one pool of plain runs."""
-    from nemo_ctcllm.ablation import summarise, sitting_id
+    from benchmarks.ablation import summarise, sitting_id
 
     split = {"wer": 0.5, "cer": 0.2, "utterances": 4}
     for run, seed, secs, threads, sitting in (
@@ -140,7 +140,7 @@ def test_the_table_reports_each_runs_own_logged_step_time_against_plain_ctc_of_i
 
 def test_the_table_pairs_each_run_with_the_control_seed_by_seed(tmp_path):
     """Same seed, same initialisation and data order: the per-seed difference to the control, and its sign."""
-    from nemo_ctcllm.ablation import summarise
+    from benchmarks.ablation import summarise
 
     for run, seed, wer in (("interctc", 0, 0.60), ("interctc", 1, 0.70), ("plain_ctc", 0, 0.62),
                            ("plain_ctc", 1, 0.71), ("clip", 0, 0.58), ("clip", 1, 0.71), ("byol", 3, 0.5)):
@@ -156,7 +156,7 @@ def test_the_table_pairs_each_run_with_the_control_seed_by_seed(tmp_path):
 
 
 def test_the_benchmark_trains_on_a_prefix_of_the_demo_corpus_with_its_own_tokenizer(demo_corpus, tmp_path):
-    from nemo_ctcllm.ablation import prepare_corpus
+    from benchmarks.ablation import prepare_corpus
 
     data = os.path.dirname(demo_corpus["train"])
     overrides = dict(o.split("=", 1) for o in prepare_corpus(data, str(tmp_path), n=20, vocab_size=48))
@@ -175,7 +175,7 @@ def test_the_benchmark_trains_on_a_prefix_of_the_demo_corpus_with_its_own_tokeni
 
 def test_each_corpus_size_is_its_own_benchmark_with_its_own_report_section(tmp_path):
     """--train-utterances N writes its own results, plots and RESULTS section; the others are left as they are."""
-    from nemo_ctcllm.ablation import suite_name, write_section
+    from benchmarks.ablation import suite_name, write_section
 
     assert suite_name(3000) == "ablation" and suite_name(10000) == "ablation_10000"
     report = tmp_path / "RESULTS.md"

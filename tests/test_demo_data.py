@@ -1,4 +1,4 @@
-"""Tests for the embedded demo speech corpus generator (nemo_ctcllm.data.demo).
+"""Tests for the embedded demo speech corpus generator (demo.corpus).
 
 Generates a tiny corpus (12 train / 4 dev / 4 test / 4 test_unseen_engine) with the Debian TTS
 engines; skipped when espeak-ng / flite / festival / sox are not installed.
@@ -7,17 +7,12 @@ import json
 import os
 import re
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-try:
-    from nemo_ctcllm.data import demo
-except ImportError:  # source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    from nemo_ctcllm.data import demo
+from demo import corpus as demo
 
 SIZES = dict(num_train=12, num_dev=4, num_test=4, num_test_unseen_engine=4)
 _MISSING = [b for b in ("espeak-ng", "flite", "festival", "sox") if shutil.which(b) is None]

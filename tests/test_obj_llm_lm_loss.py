@@ -235,7 +235,7 @@ def bpe128(tmp_path_factory):
     from nemo_ctcllm.data.tokenizer import build_bpe_tokenizer_from_texts
 
     repo = Path(__file__).resolve().parents[1]
-    lines = (repo / "nemo_ctcllm" / "data" / "sentences.txt").read_text().splitlines()
+    lines = (repo / "demo" / "sentences.txt").read_text().splitlines()
     folder = build_bpe_tokenizer_from_texts([s for s in lines if s and not s.startswith("#")][:5000],
                                             str(tmp_path_factory.mktemp("tok128")), vocab_size=128)
     return SentencePieceTokenizer(model_path=str(Path(folder) / "tokenizer.model"))

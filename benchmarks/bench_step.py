@@ -7,12 +7,12 @@ hits all variants alike. Prints a table of median step time and its ratio to pla
 memory one step allocates (profiler allocation events; weights already held, e.g. the frozen LLM, are not
 counted) and its ratio.
 
-    python scripts/bench_step.py --manifest demo_data/train_manifest.json \
+    python -m benchmarks.bench_step --manifest demo_data/train_manifest.json \
         --tokenizer artifacts/tokenizers/tokenizer_spe_bpe_v128 --steps 20
 
 Encoder variants (same objectives, other config) are compared the same way with ``--arch``:
 
-    python scripts/bench_step.py ... --variants interctc \
+    python -m benchmarks.bench_step ... --variants interctc \
         --arch nodrop=model.encoder.dropout=0,model.encoder.dropout_pre_encoder=0,model.encoder.dropout_att=0
 """
 import argparse

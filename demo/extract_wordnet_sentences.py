@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Regenerate ``nemo_ctcllm/data/sentences.txt`` from WordNet's gloss example sentences.
+"""Regenerate ``demo/sentences.txt`` from WordNet's gloss example sentences.
 
 Source: the Debian package ``wordnet-base`` (WordNet 3.0, Princeton University), files
 ``/usr/share/wordnet/data.{adj,adv,noun,verb}``. Every synset line ends with a gloss
 (``| definition; "example one"; "example two"``); the double-quoted strings are usage
 examples written by the WordNet lexicographers. Licence: WordNet 3.0 licence, see
-``nemo_ctcllm/data/LICENSE.wordnet`` (copied from /usr/share/doc/wordnet-base/copyright).
+``demo/LICENSE.wordnet`` (copied from /usr/share/doc/wordnet-base/copyright).
 
 Cleaning (a sentence is dropped rather than mangled when it does not fit):
   * kept punctuation is only ``. , ; : ! ?`` (removed on normalisation) and ``-`` (becomes a
@@ -20,12 +20,12 @@ Cleaning (a sentence is dropped rather than mangled when it does not fit):
     (data.adj, data.adv, data.noun, data.verb, line order inside each file).
 
 The original casing/punctuation is kept in the file (it gives the TTS engines better prosody);
-``nemo_ctcllm.data.demo.normalize_text`` turns a line into the transcript.
+``demo.corpus.normalize_text`` turns a line into the transcript.
 
 Usage::
 
-    python scripts/extract_wordnet_sentences.py [--wordnet-dir /usr/share/wordnet] \
-        [--out nemo_ctcllm/data/sentences.txt]
+    python -m demo.extract_wordnet_sentences [--wordnet-dir /usr/share/wordnet] \
+        [--out demo/sentences.txt]
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import sys
 
 HEADER = (
     "# Example sentences from the glosses of WordNet 3.0 (Princeton University), taken from the\n"
-    "# Debian package wordnet-base (/usr/share/wordnet/data.*) by scripts/extract_wordnet_sentences.py.\n"
+    "# Debian package wordnet-base (/usr/share/wordnet/data.*) by demo/extract_wordnet_sentences.py.\n"
     "# Licence: WordNet 3.0 licence, see LICENSE.wordnet in this directory.\n"
     "# WordNet 3.0 Copyright 2006 by Princeton University.  All rights reserved.\n"
     "# One sentence per line; lines starting with '#' are comments.\n"
@@ -50,7 +50,7 @@ MIN_WORDS, MAX_WORDS = 3, 20
 
 
 def normalize(sentence: str) -> str:
-    """Same rule as nemo_ctcllm.data.demo.normalize_text (kept standalone so this script has no deps)."""
+    """Same rule as demo.corpus.normalize_text (kept standalone so this script has no deps)."""
     s = sentence.lower().replace("-", " ")
     s = re.sub(r"[.,;:!?]", " ", s)
     return " ".join(s.split())
@@ -105,7 +105,7 @@ def extract(wordnet_dir: str) -> list[str]:
 
 def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
-    default_out = os.path.join(here, os.pardir, "nemo_ctcllm", "data", "sentences.txt")
+    default_out = os.path.join(here, "sentences.txt")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--wordnet-dir", default="/usr/share/wordnet",
                    help="directory with WordNet data.* files (Debian package wordnet-base)")

@@ -1,4 +1,4 @@
-"""The ablation benchmark behind ``scripts/ablate.py``: train the same encoder under each objective, score the
+"""The ablation benchmark behind ``benchmarks/ablate.py``: train the same encoder under each objective, score the
 exported models, and summarise (table + plots) from small per-run result files.
 
 One *run* = (name, seed): ``scripts/train.py`` on ``conf/conformer_ctc_llm_ablation.yaml`` plus the run's Hydra
@@ -29,7 +29,7 @@ class Run:
     name: str
     overrides: List[str]
     seeds: Sequence[int] = (0,)
-    bench_variant: Optional[str] = None  # the scripts/bench_step.py variant that measures its step cost
+    bench_variant: Optional[str] = None  # the benchmarks/bench_step.py variant that measures its step cost
     note: str = ""
     parts: Sequence["Run"] = ()  # a combination (see combine): the runs whose objectives it trains together
 
@@ -42,7 +42,7 @@ class Run:
 
     @property
     def cost_parts(self) -> List[Tuple[str, int]]:
-        """(scripts/bench_step.py variant, every_n_steps) of each objective the run adds to the control."""
+        """(benchmarks/bench_step.py variant, every_n_steps) of each objective the run adds to the control."""
         return [(r.bench_variant, r.every) for r in (self.parts or [self]) if r.bench_variant]
 
 
@@ -326,7 +326,7 @@ def _cost_cells(result: dict, bench: dict) -> Tuple[str, str]:
 def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, order: Sequence[str] = (),
               reference_json: Optional[str] = None, prefix: str = "ablation") -> str:
     """The ablation table (markdown) and two PNG plots (<prefix>_dev_wer.png, <prefix>_test_wer.png), from the
-    per-run files only; ``reference_json`` (the scripts/whisper_reference.py summary) adds the external
+    per-run files only; ``reference_json`` (the benchmarks/whisper_reference.py summary) adds the external
     yardstick as the last row."""
     by_run = load_results(results)
     if not by_run:
@@ -406,13 +406,12 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
                  "± is half the min–max spread over seeds; a change of test WER smaller than the largest min–max spread "
                  "over seeds of any run (the noise floor: " + (f"{floor:.1f} points" if floor is not None else "n/a")
                  + ") is reported as no difference. "
-                 "Step time and peak memory: scripts/bench_step.py (same batch, same process); an objective that runs "
-                 "every k steps costs 1 + (r - 1) / k of its measured ratio r on average. \"In training\": the mean "
-                 "step time Lightning logged during the run (every 25th step here; one thread, beside another run, so "
-                 "rough) over plain CTC's in the same sitting (machine boot; files without one: over the plain runs "
-                 "of the sittings before it was recorded), averaged over seeds; runs with another thread count are "
-                 "left out of it. Commits and exact "
-                 "commands are in each run's file.")
+                 "Step time and peak memory: benchmarks/bench_step.py (same batch, same process); an objective that "
+                 "runs every k steps costs 1 + (r - 1) / k of its measured ratio r on average. \"In training\": the "
+                 "mean step time Lightning logged during the run (every 25th step here; one thread, beside another "
+                 "run, so rough) over plain CTC's in the same sitting (machine boot; files without one: over the "
+                 "plain runs of the sittings before it was recorded), averaged over seeds; runs with another thread "
+                 "count are left out of it. Commits and exact commands are in each run's file.")
     lines += ["", *_paired_vs_control(by_run, names)]
     _plots(by_run, names, plots_dir, floor, prefix)
     return "\n".join(lines) + "\n"
