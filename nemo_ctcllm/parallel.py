@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from nemo_ctcllm.objectives.base import ConfigError
+from nemo_ctcllm.config import ConfigError, read_llm_block
 
 
 def _device_count(trainer_cfg: DictConfig) -> Optional[int]:
@@ -33,9 +33,8 @@ def _device_count(trainer_cfg: DictConfig) -> Optional[int]:
 
 
 def check_layout(world_size: int, tp_size: int, trainer_cfg: DictConfig) -> None:
-    """World size, trainer devices and the LLM's TP size must agree; raise a message naming the keys."""
-    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
-        raise ConfigError(f"model.llm.tensor_model_parallel_size must be an integer >= 1, got {tp_size!r}")
+    """World size, trainer devices and the LLM's TP size (validated by ``read_llm_block``) must agree; raise a
+    message naming the keys."""
     expected = _device_count(trainer_cfg)
     if expected is not None and expected != world_size:
         raise ConfigError(
@@ -51,10 +50,10 @@ def check_layout(world_size: int, tp_size: int, trainer_cfg: DictConfig) -> None
 
 def init_parallel(cfg: DictConfig) -> None:
     """Initialise torch.distributed and megatron parallel_state when the model has an LLM."""
-    llm = cfg.model.get("llm")
-    if llm is None or not llm.get("checkpoint"):
+    llm = read_llm_block(cfg.model.get("llm"))
+    if not llm["checkpoint"]:
         return
-    tp = llm.get("tensor_model_parallel_size", 1)
+    tp = llm["tensor_model_parallel_size"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(world, tp, cfg.trainer)
     if world == 1:

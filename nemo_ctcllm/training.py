@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig, ListConfig, open_dict
 
 from nemo_ctcllm.data.manifest import CheckConfig, ManifestError, scan_manifest, write_manifest
-from nemo_ctcllm.objectives.base import ConfigError, check_bool, check_number, merge_block
+from nemo_ctcllm.config import ConfigError, check_bool, check_number, merge_block
 
 DATA_CHECK_DEFAULTS = {
     "skip_bad_utterances": False,

@@ -99,7 +99,6 @@ def test_llm_config_errors(tokenizer_dir):
         (4, 3, {"devices": 4, "num_nodes": 1}, "does not divide the world size 4"),
         (2, 1, {"devices": 4, "num_nodes": 1}, "trainer.devices x trainer.num_nodes = 4 but the job has 2"),
         (8, 2, {"devices": 4, "num_nodes": 1}, "= 4 but the job has 8"),
-        (4, 0, {"devices": 4}, "tensor_model_parallel_size must be an integer >= 1"),
     ],
 )
 def test_parallel_layout_errors(world, tp, trainer, message):

@@ -17,10 +17,9 @@ from nemo.core.classes.mixins import AccessMixin
 from nemo.utils import logging
 from omegaconf import DictConfig
 
-from nemo_ctcllm.objectives.base import ConfigError, StepContext, build_objectives, compose_loss
+from nemo_ctcllm.config import ConfigError, check_bool, check_int, merge_block, read_llm_block
+from nemo_ctcllm.objectives.base import StepContext, build_objectives, compose_loss
 
-
-LLM_DEFAULTS = {"checkpoint": None, "tensor_model_parallel_size": 1, "cache_dir": None}
 # model.bad_steps: what a non-finite (NaN/inf) training loss does. skip: the step is dropped (no parameter,
 # optimizer-state or EMA update) and counted; max_consecutive such steps in a row stop training.
 BAD_STEP_DEFAULTS = {"skip": True, "max_consecutive": 20}
@@ -44,16 +43,9 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
                 "model.interctc (NeMo's InterCTC) is not used by EncDecCTCLLMModelBPE: "
                 "configure intermediate heads under model.objectives.interctc (blocks, weights)"
             )
-        llm = cfg.get("llm")
-        if llm is not None:
-            unknown = sorted(set(llm.keys()) - set(LLM_DEFAULTS))
-            if unknown:
-                raise ConfigError(f"model.llm: unknown key(s) {unknown}; allowed keys: {sorted(LLM_DEFAULTS)}")
-            tp = llm.get("tensor_model_parallel_size", 1)
-            if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-                raise ConfigError(f"model.llm.tensor_model_parallel_size must be an integer >= 1, got {tp!r}")
-            if trainer is not None and llm.get("checkpoint"):  # training: fail before the first step, not at it
-                _check_llm_folder(llm.checkpoint, tp)
+        llm = read_llm_block(cfg.get("llm"))
+        if trainer is not None and llm["checkpoint"]:  # training: fail before the first step, not at it
+            _check_llm_folder(llm["checkpoint"], llm["tensor_model_parallel_size"])
         self._bad_steps = _read_bad_steps(cfg.get("bad_steps"))
         super().__init__(cfg=cfg, trainer=trainer)
         self.objectives = build_objectives(self.cfg.get("objectives"), self)
@@ -85,13 +77,12 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         if host is None:
             from nemo_ctcllm.llm import LLMHost
 
-            cfg = self.cfg.get("llm")
-            if cfg is None or not cfg.get("checkpoint"):
+            cfg = read_llm_block(self.cfg.get("llm"))
+            if not cfg["checkpoint"]:
                 raise ConfigError(
                     "model.llm.checkpoint is not set: an objective needs the LLM; point it to a local Hugging Face "
                     "LLaMA folder (scripts/prepare_llm.py prepares the demo's SmolLM2)"
                 )
-            cfg = {**LLM_DEFAULTS, **cfg}
             host = LLMHost(cfg["checkpoint"], tp_size=cfg["tensor_model_parallel_size"], cache_dir=cfg["cache_dir"])
             self.__dict__["_llm_host"] = host  # plain attribute, not a submodule (see docstring)
         return host
@@ -369,8 +360,6 @@ def _check_llm_folder(checkpoint: str, tp: int) -> None:
 
 
 def _read_bad_steps(block) -> dict:
-    from nemo_ctcllm.objectives.base import check_bool, check_int, merge_block
-
     merged = merge_block(block, BAD_STEP_DEFAULTS, "model.bad_steps")
     check_bool(merged.skip, "model.bad_steps.skip")
     check_int(merged.max_consecutive, "model.bad_steps.max_consecutive", 1)

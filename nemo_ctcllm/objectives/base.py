@@ -12,12 +12,21 @@ with its own name, weight and warm-up, and is logged under ``train/<name>``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from nemo_ctcllm.config import (  # noqa: F401  (re-exported until every objective imports nemo_ctcllm.config)
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_weight,
+    merge_block,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from nemo_ctcllm.models.ctc_llm_bpe import EncDecCTCLLMModelBPE
@@ -26,10 +35,6 @@ Stats = Dict[str, torch.Tensor]
 
 # Keys every objective block accepts; read by compose_loss and the builders, never by the objective itself.
 COMMON_KEYS = {"enabled": True, "weight": 1.0, "warmup_steps": 0, "every_n_steps": 1}
-
-
-class ConfigError(ValueError):
-    """A bad value in the model config; the message names the full key."""
 
 
 @dataclass
@@ -149,17 +154,6 @@ def registered_objectives() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def merge_block(block, defaults: Mapping[str, object], key: str) -> DictConfig:
-    """A config block (mapping or None) merged over ``defaults``; unknown keys are a ConfigError naming ``key``."""
-    user = OmegaConf.to_container(block, resolve=True) if block is not None else {}
-    if not isinstance(user, dict):
-        raise ConfigError(f"{key} must be a mapping, got {user!r}")
-    unknown = sorted(set(user) - set(defaults))
-    if unknown:
-        raise ConfigError(f"{key}: unknown key(s) {unknown}; allowed keys: {sorted(defaults)}")
-    return OmegaConf.create({**defaults, **user})
-
-
 def read_block(block: Optional[DictConfig], name: str, key: str) -> DictConfig:
     """Merge a user block over the objective's defaults; reject unknown keys and bad common values."""
     _, defaults = _REGISTRY[name]
@@ -169,46 +163,6 @@ def read_block(block: Optional[DictConfig], name: str, key: str) -> DictConfig:
         raise ConfigError(f"{key}.warmup_steps must be an integer >= 0, got {merged.warmup_steps!r}")
     check_int(merged.every_n_steps, f"{key}.every_n_steps", 1)
     return merged
-
-
-def check_weight(value, key: str, upper: float = 100.0) -> float:
-    """A loss weight must be a finite number in [0, upper]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number in [0, {upper}], got {value!r}")
-    if not 0.0 <= value <= upper:
-        raise ConfigError(f"{key} must be in [0, {upper}], got {value}")
-    return float(value)
-
-
-def check_int(value, key: str, low: int, high: Optional[int] = None) -> int:
-    """An integer in [low, high] (no upper bound when high is None); bools are rejected."""
-    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
-    return value
-
-
-def check_number(value, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
-    """A finite number in the interval [low, high] (ends open where asked)."""
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        raise ConfigError(f"{key} must be a finite number in {interval}, got {value!r}")
-    return float(value)
-
-
-def check_bool(value, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    return value
-
-
-def check_choice(value, key: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
-    return value
 
 
 def build_objectives(cfg: Optional[DictConfig], model: "EncDecCTCLLMModelBPE") -> torch.nn.ModuleDict:
