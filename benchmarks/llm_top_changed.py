@@ -5,11 +5,63 @@
         --llm artifacts/llm/smollm2-135m --nbest 4,8,16 --lm-weight 0.25,0.5,1.0
 
 Prints, per N-best size and LM weight λ: the fraction of utterances where argmax(a + λ·l) differs from the
-acoustic best, and the WER of the acoustic top, the LLM-rescored top and the N-best oracle.
+acoustic best, and the WER of the acoustic top, the LLM-rescored top and the N-best oracle (scores as in
+:mod:`nemo_ctcllm.decoding.llm_rerank`; references and hypotheses normalised as in :mod:`nemo_ctcllm.evaluate`).
+One setting of it is a user option: ``scripts/evaluate.py --llm DIR --nbest N --llm-weight λ``.
 """
 import argparse
 import json
 import os
+from typing import Dict, Sequence
+
+import torch
+
+
+def _errors(hyp: str, ref: str) -> int:
+    from kaldialign import edit_distance
+
+    from nemo_ctcllm.evaluate import normalize_text
+
+    return int(edit_distance(normalize_text(ref).split(), normalize_text(hyp).split())["total"])
+
+
+@torch.no_grad()
+def llm_top_changed(model, host, manifest: str, nbest: Sequence[int] = (4, 8, 16), lm_weights: Sequence[float] = (0.5,),
+                    length_normalize: bool = False, batch_size: int = 16) -> Dict[str, Dict[str, float]]:
+    """{"n<N>_lm<λ>": {top_changed, wer_acoustic_top, wer_rescored_top, wer_oracle, utterances}}."""
+    from nemo_ctcllm.decoding.llm_rerank import audio_batches, score_nbest
+    from nemo_ctcllm.evaluate import normalize_text
+
+    model.eval()
+    device = next(model.parameters()).device
+    llm_cache: Dict[str, float] = {}
+    acc = {(n, lam): {"changed": 0, "acoustic": 0, "rescored": 0, "oracle": 0} for n in nbest for lam in lm_weights}
+    utts = words = 0
+    for signal, lens, entries in audio_batches(manifest, batch_size):
+        refs = [e.get("text", "") for e in entries]
+        log_probs, enc_len, _ = model.forward(input_signal=signal.to(device), input_signal_length=lens.to(device))
+        utts += len(refs)
+        words += sum(len(normalize_text(r).split()) for r in refs)
+        for n in nbest:
+            scored = score_nbest(log_probs, enc_len, model.tokenizer, host, n, length_normalize, llm_cache)
+            errs = torch.tensor([[_errors(t, r) for t in row] for row, r in zip(scored.texts, refs)]).float()
+            errs = errs.masked_fill(~scored.valid, float("inf"))  # [B, N]
+            top = scored.best(0.0)
+            rows = torch.arange(len(refs))
+            for lam in lm_weights:
+                best = scored.best(lam)
+                s = acc[(n, lam)]
+                s["changed"] += int((best != top).sum())
+                s["acoustic"] += int(errs[rows, top].sum())
+                s["rescored"] += int(errs[rows, best].sum())
+                s["oracle"] += int(errs.min(1).values.sum())
+    words = max(words, 1)
+    return {
+        f"n{n}_lm{lam}": {"top_changed": s["changed"] / max(utts, 1), "wer_acoustic_top": s["acoustic"] / words,
+                          "wer_rescored_top": s["rescored"] / words, "wer_oracle": s["oracle"] / words,
+                          "utterances": utts}
+        for (n, lam), s in acc.items()
+    }
 
 
 def main():
@@ -24,11 +76,9 @@ def main():
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    import torch
     from nemo.collections.asr.models import ASRModel
 
     import nemo_ctcllm  # noqa: F401
-    from nemo_ctcllm.decoding.llm_rerank import llm_top_changed
     from nemo_ctcllm.llm import LLMHost
 
     model = ASRModel.restore_from(args.model, map_location="cuda" if torch.cuda.is_available() else "cpu")

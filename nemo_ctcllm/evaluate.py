@@ -33,13 +33,13 @@ def transcribe_manifest(model, manifest: str, batch_size: int = 16) -> List[dict
     ]
 
 
-def score(rows: List[dict]) -> Dict[str, float]:
-    """Corpus WER and CER (edit distance summed over utterances / reference length), plus ``by_engine``: the
-    same per TTS engine where the rows name one (the demo's manifests have an ``engine`` field)."""
+def score(rows: List[dict], key: str = "pred_text") -> Dict[str, float]:
+    """Corpus WER and CER of the rows' ``key`` (edit distance summed over utterances / reference length), plus
+    ``by_engine``: the same per TTS engine where the rows name one (the demo's manifests have an ``engine`` field)."""
     from nemo.collections.asr.metrics.wer import word_error_rate
 
     refs = [normalize_text(r["text"]) for r in rows]
-    hyps = [normalize_text(r["pred_text"]) for r in rows]
+    hyps = [normalize_text(r[key]) for r in rows]
     result = {
         "wer": word_error_rate(hyps, refs, use_cer=False),
         "cer": word_error_rate(hyps, refs, use_cer=True),
@@ -48,21 +48,40 @@ def score(rows: List[dict]) -> Dict[str, float]:
     }
     engines = sorted({r["engine"] for r in rows if r.get("engine")})
     if engines:
-        result["by_engine"] = {e: score([{**r, "engine": None} for r in rows if r.get("engine") == e]) for e in engines}
+        result["by_engine"] = {e: score([{**r, "engine": None} for r in rows if r.get("engine") == e], key)
+                               for e in engines}
     return result
 
 
-def evaluate(model, manifest: str, out_path: Optional[str] = None, batch_size: int = 16) -> Dict[str, float]:
-    """Transcribe ``manifest`` with ``model`` (an ASRModel or a .nemo path); write per-utterance JSON lines."""
+def evaluate(model, manifest: str, out_path: Optional[str] = None, batch_size: int = 16, llm_host=None,
+             nbest: int = 8, llm_weight: float = 0.5, length_normalize: bool = False) -> Dict[str, float]:
+    """Transcribe ``manifest`` with ``model`` (an ASRModel or a .nemo path; NeMo's greedy decoding); write
+    per-utterance JSON lines. With ``llm_host`` (an :class:`nemo_ctcllm.llm.LLMHost`) each utterance is also
+    decoded by N-best LLM rescoring (:mod:`nemo_ctcllm.decoding.llm_rerank`): rows get ``pred_text_llm`` and the
+    result an ``llm_rescored`` entry (its WER/CER and settings) beside the greedy scores."""
     if isinstance(model, str):
         import nemo_ctcllm  # noqa: F401
         from nemo.collections.asr.models import ASRModel
 
         model = ASRModel.restore_from(model, map_location="cpu")
+    if llm_host is not None:
+        from nemo_ctcllm.decoding.llm_rerank import check_rescoring
+
+        check_rescoring(nbest, llm_weight)  # before the (long) greedy pass
     model.eval()
     rows = transcribe_manifest(model, manifest, batch_size=batch_size)
+    if llm_host is not None:
+        from nemo_ctcllm.decoding.llm_rerank import rescore_manifest
+
+        texts = rescore_manifest(model, llm_host, manifest, nbest, llm_weight, length_normalize, batch_size)
+        for r, t in zip(rows, texts):
+            r["pred_text_llm"] = t
     if out_path:
         with open(out_path, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    return score(rows)
+    result = score(rows)
+    if llm_host is not None:
+        result["llm_rescored"] = {**score(rows, "pred_text_llm"), "nbest": nbest, "llm_weight": llm_weight,
+                                  "length_normalize": length_normalize}
+    return result

@@ -35,7 +35,7 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
     # inference parity of the exports (benchmarks/bench_export.py): same class, size and parameters as plain CTC
     bench = [sys.executable, "-m", "benchmarks.bench_export", "--work", str(tmp_path), "--rounds", "1",
              "--manifest", str(tmp_path / "data" / "dev_manifest.json"), "--out", str(tmp_path / "parity.json")]
-    proc = subprocess.run(bench, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(bench, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     parity = {r["model"]: r for r in json.load(open(tmp_path / "parity.json"))["rows"]}
     assert set(parity) == {"plain_ctc_s0", "interctc_s0"}
@@ -45,13 +45,13 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
     assert "| interctc_s0 | EncDecCTCModelBPE |" in proc.stdout
 
     log = (tmp_path / "plain_ctc_s0" / "train.log").stat().st_size
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stdout.count("already finished") == 2
     assert (tmp_path / "plain_ctc_s0" / "train.log").stat().st_size == log  # nothing retrained
 
     # --rescore scores the exports again (per-engine breakdown included) and keeps the training fields
     before = json.load(open(tmp_path / "results" / "interctc_s0.json"))
-    proc = subprocess.run(cmd + ["--rescore"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd + ["--rescore"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = json.load(open(tmp_path / "results" / "interctc_s0.json"))
     assert after["metrics"] == before["metrics"] and after["dev_curve"] == before["dev_curve"]

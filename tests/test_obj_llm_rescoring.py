@@ -133,7 +133,7 @@ def test_config_error_without_llm(tokenizer_dir):
 
 def test_llm_top_changed_on_a_manifest(tokenizer_dir, tiny_llm, demo_corpus, llm_process_group):
     """The tool behind docs/RESULTS.md's "how often the LLM changes the top hypothesis" runs on real audio."""
-    from nemo_ctcllm.decoding.llm_rerank import llm_top_changed
+    from benchmarks.llm_top_changed import llm_top_changed
 
     model = make(tokenizer_dir, tiny_llm)
     stats = llm_top_changed(model, model.llm, demo_corpus["dev"], nbest=(2, 4), lm_weights=(0.0, 1.0), batch_size=4)

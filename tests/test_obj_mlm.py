@@ -181,6 +181,49 @@ def test_draw_mask_masks_every_nonempty_hypothesis():
     assert not mask[0, 5:].any() and mask[2].tolist()[:1] == [True]
 
 
+def _long_log_probs(num_pieces: int, frames: int = 120):
+    """CTC log-probs [1, T, V+1] whose greedy path is a piece on every other frame and blank between: about T/2
+    tokens, more than the tiny MLMs' 38 positions."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.zeros(1, frames, num_pieces + 1)
+    logits[0, 1::2, num_pieces] = 8.0  # blank
+    logits[0, torch.arange(0, frames, 2), torch.randint(1, num_pieces, (frames // 2,), generator=g)] = 8.0
+    return logits.log_softmax(-1), torch.tensor([frames])
+
+
+def test_masked_positions_only_past_the_truncation_give_zero_not_nan(tokenizer_dir, tiny_bert):
+    """A hypothesis longer than the MLM's positions is truncated; a mask left with nothing inside the kept window
+    gave the mean over zero positions (NaN). The loss is now 0, attached to the graph with a zero gradient."""
+    model = make(tokenizer_dir, tiny_bert)
+    mlm, tok = load_mlm(tiny_bert)
+    emb = mlm.get_input_embeddings()
+    pmap = PieceMap.build(*asr_pieces(model.tokenizer), tok, emb)
+    log_probs, lengths = _long_log_probs(model.tokenizer.vocab_size)
+    log_probs.requires_grad_(True)
+    soft = bridge(log_probs, lengths, pmap)
+    assert soft.tokens.shape[1] > mlm.config.max_position_embeddings - 2
+    mask = torch.zeros_like(soft.tokens, dtype=torch.bool)
+    mask[0, mlm.config.max_position_embeddings:] = True  # every masked position is past the truncation
+    loss, acc = mlm_soft_label_loss(mlm, tok, pmap, soft, mask)
+    assert loss.item() == 0.0 and acc.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(log_probs.grad).all() and log_probs.grad.abs().sum() == 0
+
+
+def test_objective_masks_where_the_mlm_reads(tokenizer_dir, tiny_bert):
+    """The objective draws its mask inside the truncated window, so its one forced position (mask_prob tiny) is
+    always read: finite loss, at least one masked position, for every draw."""
+    model = make(tokenizer_dir, tiny_bert, mask_prob=0.01)
+    term = model.objectives["mlm"]
+    ctx = model.step_context(asr_batch(model, LLM_CORPUS[:1]), compute_wer=False)
+    log_probs, lengths = _long_log_probs(model.tokenizer.vocab_size)
+    ctx = dataclasses.replace(ctx, log_probs=log_probs, encoded_len=lengths)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        loss, stats = term(ctx)
+        assert torch.isfinite(loss) and loss > 0 and stats["masked"] >= 1, seed
+
+
 BAD = [
     ({"mask_prb": 0.1}, f"{KEY}: unknown key(s) ['mask_prb']"),
     ({"model_dir": None}, f"{KEY}.model_dir must be a local Hugging Face AutoModelForMaskedLM folder"),

@@ -11,7 +11,7 @@ from test_model import audio_batch, fake_trainer, make
 
 from nemo_ctcllm.export import atomic_save, export_for_inference, strip_for_inference
 from nemo_ctcllm.objectives import ConfigError
-from nemo_ctcllm.objectives.token_contrastive import frame_index, gather_frames
+from nemo_ctcllm.objectives.token_contrastive import frame_index, gather_frames, info_nce, near_frames
 
 SIMCLR = {"mode": "simclr", "proj_dim": 16, "frames_per_utt": 8}
 BYOL = {"mode": "byol", "proj_dim": 16, "ema_decay": 0.9}
@@ -47,8 +47,60 @@ def test_frame_index_samples_distinct_valid_frames():
     assert all_keep.sum() == 20 and torch.equal(gather_frames(x, all_idx, all_keep)[:10, 0], x[0, :10, 0])
 
 
-def test_simclr_gradients_reach_encoder_and_head(tokenizer_dir):
-    model = make(tokenizer_dir, token_contrastive=SIMCLR)
+def _info_nce_by_hand(a, b, tau, negatives, exclude):
+    """The module docstring's losses, one anchor at a time: -log exp(s_pos) / sum over the kept candidates."""
+    N = a.shape[0]
+    terms = []
+    if negatives == "cross_view":
+        for x, y in ((a, b), (b, a)):
+            for i in range(N):
+                kept = [j for j in range(N) if j == i or not exclude[i, j]]
+                s = torch.stack([x[i] @ y[j] for j in kept]) / tau
+                terms.append(0.5 * -(s[kept.index(i)] - s.logsumexp(0)))
+        return torch.stack(terms).sum() / N
+    u = torch.cat([a, b])
+    for k in range(2 * N):
+        i, pos = k % N, (k + N) % (2 * N)
+        kept = [m for m in range(2 * N) if m == pos or (m != k and not exclude[i, m % N])]
+        s = torch.stack([u[k] @ u[m] for m in kept]) / tau
+        terms.append(-(s[kept.index(pos)] - s.logsumexp(0)))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("negatives", ["cross_view", "nt_xent"])
+@pytest.mark.parametrize("window", [0, 2])
+def test_info_nce_negatives_and_exclusion_window_match_the_formula(negatives, window):
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=-1)
+    utt = torch.tensor([0, 0, 0, 0, 1, 1, 2])  # sampled frames of three utterances
+    pos = torch.tensor([1, 2, 4, 9, 0, 3, 5])  # their frame positions
+    exclude = near_frames(utt, pos, window)
+    assert exclude.sum() == (7 if window == 0 else 7 + 2 * 2)  # w = 2: (1, 2), (2, 4) both ways
+    loss, acc = info_nce(a, b, 0.3, negatives, exclude)
+    torch.testing.assert_close(loss, _info_nce_by_hand(a, b, 0.3, negatives, exclude))
+    assert 0.0 <= float(acc) <= 1.0
+    if window == 0:  # w = 0 excludes nothing: the same loss as no exclusion
+        torch.testing.assert_close(loss, info_nce(a, b, 0.3, negatives)[0])
+
+
+def test_nt_xent_uses_same_view_negatives():
+    """A change of one same-view similarity (a_0 . a_3, every a_i . b_j kept) moves NT-Xent (2N - 2 negatives)
+    and leaves cross-view InfoNCE (other view only) as it was."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.cat([torch.randn(4, 3, generator=g), torch.zeros(4, 1)], 1)  # [4, 4]; b has no 4th component
+    b = torch.cat([torch.randn(4, 3, generator=g), torch.zeros(4, 1)], 1)
+    a2 = a.clone()
+    a2[[0, 3], 3] = 1.0  # a_0 . a_3 grows by 1; a_i . b_j and a_0 . a_1, a_0 . a_2 ... unchanged
+    for negatives, moves in (("cross_view", False), ("nt_xent", True)):
+        before, after = info_nce(a, b, 0.5, negatives)[0], info_nce(a2, b, 0.5, negatives)[0]
+        assert torch.allclose(before, after) is not moves, negatives
+
+
+@pytest.mark.parametrize("block", [SIMCLR, {**SIMCLR, "negatives": "nt_xent", "exclude_window": 2}],
+                         ids=["cross_view", "nt_xent_window2"])
+def test_simclr_gradients_reach_encoder_and_head(tokenizer_dir, block):
+    model = make(tokenizer_dir, token_contrastive=block)
     model.train()
     term = model.objectives["token_contrastive"]
     loss, stats = term(model.step_context(audio_batch(lengths=SHORT), compute_wer=False))
@@ -209,6 +261,8 @@ def test_byol_nemo_round_trip_and_export(tokenizer_dir, tmp_path):
         ("temperature", 0.0),
         ("frames_per_utt", 0),
         ("frames_per_utt", 2.5),
+        ("negatives", "same_view"),
+        ("exclude_window", -1),
         ("ema_decay", 1.0),
         ("noise_snr_db", "loud"),
         ("freq_masks", -1),

@@ -49,7 +49,7 @@ from nemo_ctcllm.objectives.base import (
 )
 
 POOLS = ("mean", "attention")
-TEXT_ENCODERS = ("llm", "minilm")
+TEXT_ENCODERS = ("llm",)  # the frozen LLM (model.llm); the key is kept for configs that name it
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -139,8 +139,6 @@ def build_clip(block: DictConfig, model, key: str) -> List[Objective]:
     dim = check_int(block.dim, f"{key}.dim", 1)
     check_choice(block.pool, f"{key}.pool", POOLS)
     check_choice(block.text_encoder, f"{key}.text_encoder", TEXT_ENCODERS)
-    if block.text_encoder == "minilm":
-        raise ConfigError(f"{key}.text_encoder: 'minilm' is not implemented yet; use 'llm'")
     if not isinstance(block.cache_text, bool):
         raise ConfigError(f"{key}.cache_text must be true or false, got {block.cache_text!r}")
     temp = check_number(block.init_temperature, f"{key}.init_temperature", 0.01, 1.0)  # CLIP's clamp

@@ -24,8 +24,8 @@ import torch
 from kaldialign import edit_distance
 from torch import Tensor
 
+from nemo_ctcllm.decoding.llm_rerank import llm_log_likelihood
 from nemo_ctcllm.decoding.nbest import ctc_prefix_beam_search, sequence_log_probs
-from nemo_ctcllm.llm.tp import gather_objects
 from nemo_ctcllm.objectives.base import (
     ConfigError,
     StepContext,
@@ -77,15 +77,6 @@ def require_llm(model, key: str) -> None:
             f"{key} scores hypotheses with the LLM, but model.llm.checkpoint is not set: point it to a local "
             "Hugging Face LLaMA folder (scripts/prepare_llm.py prepares the demo's SmolLM2)"
         )
-
-
-@torch.no_grad()
-def llm_log_likelihood(host, texts: Sequence[str], normalize: bool) -> Tensor:
-    """log p_LLM(text + EOS | BOS) [R] fp32 of this rank's texts; texts gathered over the TP group first."""
-    all_texts, mine = gather_objects(list(texts))
-    if not all_texts:
-        return torch.zeros(0)
-    return host.score(all_texts, normalize=normalize, add_eos=True).float()[mine].cpu()
 
 
 @dataclass

@@ -103,17 +103,27 @@ def draw_mask(lengths: Tensor, size: int, prob: float, generator: Optional[torch
     return mask
 
 
+def kept_positions(mlm, n: int) -> int:
+    """How many of n hypothesis positions the MLM reads: long hypotheses are truncated ([CLS] and [SEP] take two
+    of its ``max_position_embeddings``)."""
+    return min(n, getattr(mlm.config, "max_position_embeddings", n + 2) - 2)
+
+
 def mlm_soft_label_loss(mlm, mlm_tokenizer, pmap: PieceMap, soft: SoftText, mask: Tensor) -> Tuple[Tensor, Tensor]:
     """The loss of the module docstring for a given mask [B, N] (True = masked).
 
     Returns (loss: mean over masked positions, accuracy: how often the MLM's top piece is the greedy token).
+    Masked positions past the truncation are dropped; with none left the loss is 0 (still attached to the
+    posteriors' graph) instead of a mean over nothing (NaN).
     """
     emb = mlm.get_input_embeddings()
     B, N, _ = soft.embeds.shape
-    max_len = getattr(mlm.config, "max_position_embeddings", N + 2)
-    N = min(N, max_len - 2)  # truncate long hypotheses ([CLS] and [SEP] take two positions)
+    N = kept_positions(mlm, N)
     lengths = soft.lengths.clamp(max=N)  # [B]
     mask = mask[:, :N] & (torch.arange(N, device=mask.device)[None] < lengths[:, None])  # [B, N]
+    if not mask.any():
+        zero = soft.q.sum() * 0.0
+        return zero, zero.detach()
     special = torch.tensor(frame_ids(mlm_tokenizer), device=emb.weight.device)
     cls, sep, msk, pad = emb(special).to(soft.embeds)  # [E] each
     x = torch.where(mask[..., None], msk, soft.embeds[:, :N])  # [B, N, E]
@@ -158,7 +168,8 @@ class MaskedLMObjective(Objective):
         mlm, tok = self.masked_lm(ctx.log_probs.device)
         emb = mlm.get_input_embeddings()
         soft = self.reader(ctx, tok, lambda ids: emb(ids.to(emb.weight.device)), self.training)
-        mask = draw_mask(soft.lengths, soft.tokens.shape[1], self.mask_prob)  # [B, N]
+        n = kept_positions(mlm, soft.tokens.shape[1])  # drawn where the MLM reads: >= 1 per non-empty hypothesis
+        mask = draw_mask(soft.lengths.clamp(max=n), n, self.mask_prob)  # [B, n]
         if not mask.any():  # every hypothesis is empty: nothing to predict
             zero = ctx.log_probs.sum() * 0.0
             return zero, {"acc": zero.detach(), "masked": zero.detach()}
