@@ -142,8 +142,8 @@ def step_fn(model, batch, plain):
 
 def llm_floor_step(model, batch):
     """A step function running only the LLM part of ``model``'s llm_prefix_clm on this batch's sequences."""
-    from nemo_ctcllm.objectives.common import transcripts
-    from nemo_ctcllm.objectives.llm_prefix_clm import build_sequences
+    from nemo_ctcllm.objectives.shared.tensors import transcripts
+    from nemo_ctcllm.objectives.shared.prefix import build_sequences
 
     term = model.objectives["llm_prefix_clm"]
     with torch.no_grad():

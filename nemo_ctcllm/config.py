@@ -6,6 +6,7 @@ This module imports nothing of the package, so every layer (data, llm, objective
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Mapping, Optional, Sequence
 
@@ -85,3 +86,12 @@ def read_llm_block(block) -> dict:
         if merged[name] is not None:
             check_str(merged[name], f"model.llm.{name}")
     return dict(merged)
+
+
+# ---------------------------------------------------------------------------------------------- declared blocks
+def read_dataclass(block, schema, key: str):
+    """A config block read into the dataclass ``schema``: its fields are the allowed keys and their defaults
+    (an unknown key is a ConfigError naming ``key``); the values are not checked here (``schema.check`` does)."""
+    defaults = {f.name: getattr(schema(), f.name) for f in dataclasses.fields(schema)}
+    merged = OmegaConf.to_container(merge_block(block, defaults, key), resolve=True)
+    return schema(**merged)

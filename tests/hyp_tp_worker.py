@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/hyp_tp_worker.py --mode scores --out DIR CKPT
 
 Every rank scores its *own* hypothesis texts (:func:`hyp_texts`) with
-:func:`nemo_ctcllm.objectives.hypotheses.llm_log_likelihood` on a TP=2 LLM (texts gathered over the TP group,
+:func:`nemo_ctcllm.objectives.shared.hypotheses.llm_log_likelihood` on a TP=2 LLM (texts gathered over the TP group,
 every rank runs the LLM on all of them) and writes its rows to ``DIR/rank<r>.pt``; the test compares them
 with TP=1 in one process.
 """
@@ -32,7 +32,7 @@ def main() -> None:
     args, rank, world = worker_setup(["scores"])
 
     from nemo_ctcllm.llm import LLMHost
-    from nemo_ctcllm.objectives.hypotheses import llm_log_likelihood
+    from nemo_ctcllm.objectives.shared.hypotheses import llm_log_likelihood
 
     host = LLMHost(args.checkpoint, tp_size=world, params_dtype=torch.float32)
     texts = hyp_texts(rank)

@@ -58,7 +58,7 @@ def clip_step(obj, host, pooled, texts) -> dict:
 
 def run_clm(ckpt, world: int, rank: int) -> dict:
     from nemo_ctcllm.llm import LLMHost
-    from nemo_ctcllm.objectives.llm_prefix_clm import prefix_clm
+    from nemo_ctcllm.objectives.shared.prefix import prefix_clm
 
     host = LLMHost(ckpt, tp_size=world, params_dtype=torch.float32)
     prompt, prompt_len, texts = clm_inputs(rank, host.hidden_size)

@@ -56,7 +56,7 @@ VARIANTS = {  # name -> (estimator, target)
 
 
 def run_llm_lm_loss(host, pmap, rank: int) -> dict:
-    from nemo_ctcllm.objectives.bridge import bridge
+    from nemo_ctcllm.objectives.shared.bridge import bridge
     from nemo_ctcllm.objectives.llm_lm_loss import llm_lm_loss
 
     out = {}
@@ -74,7 +74,7 @@ LANG_BATCH = 3  # the same on every rank: DDP's mean of per-rank means is then t
 
 
 def make_lang(hidden: int):
-    from nemo_ctcllm.objectives.bridge import SoftHypothesis
+    from nemo_ctcllm.objectives.shared.bridge import SoftHypothesis
     from nemo_ctcllm.objectives.lang_contrastive import LangContrastive
 
     torch.manual_seed(0)
@@ -84,7 +84,7 @@ def make_lang(hidden: int):
 
 def lang_loss(obj, host, pmap, log_probs, lengths, texts):
     """lang_contrastive's loss on given posteriors (what its forward computes from a StepContext)."""
-    from nemo_ctcllm.objectives.bridge import bridge
+    from nemo_ctcllm.objectives.shared.bridge import bridge
     from nemo_ctcllm.objectives.lang_contrastive import pooled_soft_hidden
 
     soft = bridge(log_probs, lengths, pmap, "expected")
@@ -109,7 +109,7 @@ def main() -> None:
     args, rank, world = worker_setup(["llm_lm_loss", "lang_contrastive"])
 
     from nemo_ctcllm.llm import LLMHost
-    from nemo_ctcllm.objectives.bridge import PieceMap
+    from nemo_ctcllm.objectives.shared.bridge import PieceMap
 
     host = LLMHost(args.checkpoint, tp_size=world, params_dtype=torch.float32)
     with open(os.path.join(args.out, "pieces.json")) as f:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from nemo_ctcllm.objectives.bridge import (
+from nemo_ctcllm.objectives.shared.bridge import (
     PieceMap,
     asr_pieces,
     bridge,

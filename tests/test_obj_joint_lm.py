@@ -71,8 +71,8 @@ def test_utterance_loss_is_padding_invariant(tokenizer_dir):
         tlens = torch.tensor([u + 4, u, 1])
 
         def head_losses(encoded, encoded_len, targets, target_len):
-            ctx = StepContext(model=model, signal=sig, signal_len=sl, encoded=encoded, encoded_len=encoded_len,
-                              log_probs=None, targets=targets, target_len=target_len)
+            ctx = StepContext(env=model.objective_env(), signal=sig, signal_len=sl, encoded=encoded,
+                              encoded_len=encoded_len, log_probs=None, targets=targets, target_len=target_len)
             return term.utterance_losses(ctx)
 
         ref = head_losses(enc, alone.encoded_len, tg[2:3, :u], tl[2:3])[0]

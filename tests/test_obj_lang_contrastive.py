@@ -21,7 +21,7 @@ from softtext_tp_worker import LANG_BATCH, lang_loss, make_lang, make_tiny_bpe_l
 from nemo_ctcllm.export import strip_for_inference  # noqa: E402
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE  # noqa: E402
 from nemo_ctcllm.objectives import ConfigError  # noqa: E402
-from nemo_ctcllm.objectives.bridge import PieceMap, asr_pieces, bridge  # noqa: E402
+from nemo_ctcllm.objectives.shared.bridge import PieceMap, asr_pieces, bridge  # noqa: E402
 from nemo_ctcllm.objectives.lang_contrastive import pooled_soft_hidden  # noqa: E402
 
 KEY = "model.objectives.lang_contrastive"

@@ -22,7 +22,7 @@ from softtext_tp_worker import VARIANTS, make_tiny_bpe_llama, softtext_inputs  #
 from nemo_ctcllm.export import strip_for_inference  # noqa: E402
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE  # noqa: E402
 from nemo_ctcllm.objectives import ConfigError, compose_loss  # noqa: E402
-from nemo_ctcllm.objectives.bridge import PieceMap, asr_pieces, bridge  # noqa: E402
+from nemo_ctcllm.objectives.shared.bridge import PieceMap, asr_pieces, bridge  # noqa: E402
 from nemo_ctcllm.objectives.llm_lm_loss import llm_lm_loss  # noqa: E402
 
 KEY = "model.objectives.llm_lm_loss"

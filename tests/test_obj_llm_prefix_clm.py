@@ -19,7 +19,8 @@ from obj_tp_worker import CLM_INSTRUCTION, asr_batch, clm_inputs, launch  # noqa
 from nemo_ctcllm.export import strip_for_inference  # noqa: E402
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE  # noqa: E402
 from nemo_ctcllm.objectives import ConfigError, compose_loss  # noqa: E402
-from nemo_ctcllm.objectives.llm_prefix_clm import build_sequences, prefix_clm, stack_frames  # noqa: E402
+from nemo_ctcllm.objectives.llm_prefix_clm import stack_frames  # noqa: E402
+from nemo_ctcllm.objectives.shared.prefix import build_sequences, prefix_clm  # noqa: E402
 
 KEY = "model.objectives.llm_prefix_clm"
 

@@ -26,7 +26,7 @@ from hyp_common import (  # noqa: E402
 from obj_tp_worker import asr_batch  # noqa: E402
 
 from nemo_ctcllm.objectives import compose_loss  # noqa: E402
-from nemo_ctcllm.objectives.hypotheses import hypotheses  # noqa: E402
+from nemo_ctcllm.objectives.shared.hypotheses import hypotheses  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,8 @@ from obj_tp_worker import launch  # noqa: E402
 from nemo_ctcllm.export import strip_for_inference  # noqa: E402
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE  # noqa: E402
 from nemo_ctcllm.objectives import compose_loss  # noqa: E402
-from nemo_ctcllm.objectives.common import transcripts  # noqa: E402
-from nemo_ctcllm.objectives.hypotheses import hypotheses, llm_log_likelihood, word_errors  # noqa: E402
+from nemo_ctcllm.objectives.shared.tensors import transcripts  # noqa: E402
+from nemo_ctcllm.objectives.shared.hypotheses import hypotheses, llm_log_likelihood, word_errors  # noqa: E402
 
 
 @pytest.fixture(scope="module")

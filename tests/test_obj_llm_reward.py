@@ -22,7 +22,7 @@ from hyp_common import (  # noqa: E402
     steered,
 )
 
-from nemo_ctcllm.objectives.hypotheses import SearchSettings, hypotheses, llm_log_likelihood  # noqa: E402
+from nemo_ctcllm.objectives.shared.hypotheses import SearchSettings, hypotheses, llm_log_likelihood  # noqa: E402
 from nemo_ctcllm.objectives.llm_reward import LlmReward  # noqa: E402
 
 

@@ -22,7 +22,7 @@ from nemo_ctcllm.data.small_lm import PIECE_OFFSET, bert_mlm, read_sentences, tr
 from nemo_ctcllm.export import strip_for_inference  # noqa: E402
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE  # noqa: E402
 from nemo_ctcllm.objectives import ConfigError  # noqa: E402
-from nemo_ctcllm.objectives.bridge import PieceMap, asr_pieces, bridge  # noqa: E402
+from nemo_ctcllm.objectives.shared.bridge import PieceMap, asr_pieces, bridge  # noqa: E402
 from nemo_ctcllm.objectives.mlm import draw_mask, load_mlm, mlm_soft_label_loss  # noqa: E402
 
 KEY = "model.objectives.mlm"

@@ -3,7 +3,7 @@
 
 Byte-level BPE (GPT-2 style, ``Ġ`` marks a leading space) tokenizes any string, so every SentencePiece piece of
 the ASR tokenizer has a clean tokenization (``▁the`` -> `` the`` -> ``Ġthe``, word-internal ``ing`` -> ``ing``):
-the bridge of :mod:`nemo_ctcllm.objectives.bridge` then maps each ASR piece to the LM's own tokens. Texts are
+the bridge of :mod:`nemo_ctcllm.objectives.shared.bridge` then maps each ASR piece to the LM's own tokens. Texts are
 tokenized with a leading space (``add_prefix_space``) so that a sentence's first word is spelled like every
 other word, as it is by the ASR tokenizer (``▁`` on every word-initial piece): callers prepend the space
 (:func:`lm_text`), the tokenizer itself adds none, so that a word-internal ASR piece tokenized on its own stays

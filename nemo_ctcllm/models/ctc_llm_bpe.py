@@ -8,17 +8,17 @@ place that weights and sums the terms listed under ``model.objectives``. With on
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from lightning.pytorch import Trainer
 from nemo.collections.asr.models import EncDecCTCModelBPE
 from nemo.core.classes.mixins import AccessMixin
 from nemo.utils import logging
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from nemo_ctcllm.config import ConfigError, check_bool, check_int, merge_block, read_llm_block
-from nemo_ctcllm.objectives.base import StepContext, build_objectives, compose_loss
+from nemo_ctcllm.objectives.base import ObjectiveEnv, StepContext, build_objectives, compose_loss
 
 # model.bad_steps: what a non-finite (NaN/inf) training loss does. skip: the step is dropped (no parameter,
 # optimizer-state or EMA update) and counted; max_consecutive such steps in a row stop training.
@@ -48,7 +48,16 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             _check_llm_folder(llm["checkpoint"], llm["tensor_model_parallel_size"])
         self._bad_steps = _read_bad_steps(cfg.get("bad_steps"))
         super().__init__(cfg=cfg, trainer=trainer)
-        self.objectives = build_objectives(self.cfg.get("objectives"), self)
+        env = self.objective_env()
+        self.objectives, filled = build_objectives(self.cfg.get("objectives"), env)
+        with open_dict(self.cfg):  # values read from elsewhere (the LLM's width): a restored .nemo needs no LLM
+            for name, values in filled.items():
+                if self.cfg.objectives.get(name) is None:  # a bare `clip:` block
+                    self.cfg.objectives[name] = {}
+                self.cfg.objectives[name].update(values)
+        for term in self.objectives.values():
+            for k, hook in term.encoder_hooks(env).items():
+                self.encoder.layers[k - 1].register_forward_hook(hook)
         self._skipped_steps = 0  # non-finite steps skipped in this process (logged as train/skipped_steps)
         self._consecutive_bad = 0
         self._skip_this_step = False
@@ -87,6 +96,40 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             self.__dict__["_llm_host"] = host  # plain attribute, not a submodule (see docstring)
         return host
 
+    # ------------------------------------------------------------------ what objectives see
+    def objective_env(self) -> ObjectiveEnv:
+        """What the objectives may use of this model (they never get the model itself)."""
+        inter = (self.cfg.get("objectives") or {}).get("interctc")
+        blocks = list(inter.get("blocks", [])) if inter is not None and inter.get("enabled", True) else []
+        return ObjectiveEnv(
+            tokenizer=self.tokenizer,
+            vocab_size=self.decoder.num_classes_with_blank - 1,
+            vocabulary=list(self.cfg.decoder.vocabulary),
+            encoded_width=self.decoder._feat_in,  # what the final head reads: d_model or the encoder's out_proj
+            n_features=self.cfg.preprocessor.get("features", None),
+            interctc_blocks=tuple(blocks),
+            llm_checkpoint=read_llm_block(self.cfg.get("llm"))["checkpoint"],
+            llm=self._get_llm,
+            ctc_loss=self.loss,
+            ctc_wer=self._ctc_wer,
+            final_head=self.decoder,
+            encoder=self.encoder,
+            preprocessor=self.preprocessor,
+            spec_augment=self.spec_augmentation,
+            model_guid=self.model_guid,
+        )
+
+    def _get_llm(self):
+        return self.llm
+
+    def _ctc_wer(self, log_probs, lengths, targets, target_len) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(WER, word errors, reference words) of greedy CTC on ``log_probs`` [B, T, V+1] with this model's WER
+        metric (its decoding settings); the metric is reset afterwards."""
+        self.wer.update(predictions=log_probs, predictions_lengths=lengths, targets=targets, targets_lengths=target_len)
+        wer, num, denom = self.wer.compute()
+        self.wer.reset()
+        return wer, num, denom
+
     # ------------------------------------------------------------------ forward pieces
     def encode(self, signal: torch.Tensor, signal_len: torch.Tensor):
         """The parent's forward, also returning the encoder output.
@@ -120,6 +163,10 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
     def step_context(self, batch, compute_wer: bool) -> StepContext:
         """Run the encoder once and package what the objectives read."""
         signal, signal_len, targets, target_len = batch[:4]
+        env = self.objective_env()
+        if self.training:
+            for term in self.objectives.values():
+                term.before_training_step(env, self.optimizer_updates)
         if self._capture:
             AccessMixin.reset_registry(self)
             AccessMixin.set_access_enabled(access_enabled=True, guid=self.model_guid)
@@ -129,13 +176,12 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         finally:
             if self._capture:
                 AccessMixin.reset_registry(self)  # also disables access
-        selfcond = {}
+        selfcond, heads = {}, {}
         for term in self.objectives.values():
-            stash = term.pop_stash() if hasattr(term, "pop_stash") else None
-            if stash is not None:
-                selfcond[term.block] = stash
+            selfcond.update(term.pop_stash())
+            heads.update(term.ctc_heads(env))
         return StepContext(
-            model=self,
+            env=env,
             signal=signal,
             signal_len=signal_len,
             encoded=encoded,
@@ -145,8 +191,11 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             target_len=target_len,
             layers=layers,
             selfcond_log_probs=selfcond,
+            heads=heads,
             compute_wer=compute_wer,
             labelled=(target_len > 0) if self.semi_supervised else None,
+            training=self.training,
+            step=self.global_step,
         )
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -2,9 +2,16 @@
 
 An *objective* is an ``nn.Module`` that reads one training/validation batch (a :class:`StepContext`) and
 returns ``(loss, stats)``: an unweighted scalar loss and a dict of detached scalars to log. Its YAML block
-under ``model.objectives.<name>`` carries ``weight``, ``warmup_steps`` and ``every_n_steps`` (shared by every
-objective, read by :func:`compose_loss`) plus its own keys. A new objective is one file that subclasses
-:class:`Objective`, decorates its builder with :func:`register_objective`, and one YAML block.
+under ``model.objectives.<name>`` is declared once, as a dataclass subclassing :class:`ObjectiveConfig`
+(the keys, their defaults and ``check``); every block also takes ``enabled``, ``weight``, ``warmup_steps``
+and ``every_n_steps``, which reach the term through its constructor and are read by :func:`compose_loss`.
+A new objective is one file that subclasses :class:`Objective`, declares its block, decorates its builder
+with :func:`register_objective`, and one YAML block.
+
+Objectives never see the model: the builders and every step get an :class:`ObjectiveEnv` (the tokenizer, the
+widths, the LLM getter, the CTC loss/WER, the modules an extra encoder pass needs); what a term needs from the
+model's life cycle (self-conditioning hooks and their stash, an EMA update before a step, the heads it offers
+to other terms) are methods of :class:`Objective` that the model calls.
 
 A block may build several *terms* (e.g. one per intermediate CTC head); each term is one Objective module
 with its own name, weight and warm-up, and is logged under ``train/<name>``.
@@ -13,28 +20,56 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_ctcllm.config import (  # noqa: F401  (re-exported until every objective imports nemo_ctcllm.config)
-    ConfigError,
-    check_bool,
-    check_choice,
-    check_int,
-    check_number,
-    check_weight,
-    merge_block,
-)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from nemo_ctcllm.models.ctc_llm_bpe import EncDecCTCLLMModelBPE
+from nemo_ctcllm.config import ConfigError, check_bool, check_int, check_weight, read_dataclass
 
 Stats = Dict[str, torch.Tensor]
+Hook = Callable[[torch.nn.Module, Any, torch.Tensor], torch.Tensor]  # a torch forward hook
 
-# Keys every objective block accepts; read by compose_loss and the builders, never by the objective itself.
-COMMON_KEYS = {"enabled": True, "weight": 1.0, "warmup_steps": 0, "every_n_steps": 1}
+
+@dataclass(frozen=True)
+class ObjectiveEnv:
+    """What objectives may use of the model, at construction (the builders) and on every step (``ctx.env``).
+
+    Objectives read these fields and call the callables; they never hold or mutate the model. Modules here are
+    the model's own (shared, not copied): a term runs them (an extra encoder pass, a shared CTC head) or
+    copies them (an EMA target), and keeps no reference to them in its module tree.
+    """
+
+    tokenizer: Any  # the ASR tokenizer (NeMo TokenizerSpec: ids_to_text, ids_to_tokens, vocab_size)
+    vocab_size: int  # V, the ASR pieces; CTC heads have V+1 classes (blank last)
+    vocabulary: List[str]  # the final CTC head's vocabulary (for new heads)
+    encoded_width: int  # D of ctx.encoded and of captured blocks (encoder d_model, or its out_proj)
+    n_features: Optional[int]  # preprocessor feature bins, None when the preprocessor config does not say
+    interctc_blocks: Tuple[int, ...]  # encoder blocks with an intermediate CTC head (what head_block may name)
+    llm_checkpoint: Optional[str]  # model.llm.checkpoint
+    llm: Callable[[], Any]  # the frozen LLM host (nemo_ctcllm.llm.LLMHost), built on the first call
+    ctc_loss: Callable[..., torch.Tensor]  # NeMo CTCLoss(log_probs=, targets=, input_lengths=, target_lengths=)
+    ctc_wer: Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (log_probs, lengths, targets,
+    #   target_len) -> (wer, errors, words), the model's own WER metric (its decoding settings)
+    final_head: torch.nn.Module  # the final CTC decoder, x [B, D, T] -> log-probs [B, T, V+1]
+    encoder: torch.nn.Module  # the online encoder (extra passes, EMA source); blocks in encoder.layers
+    preprocessor: Callable  # (input_signal=[B, S], length=[B]) -> features [B, F, T'], lengths [B]
+    spec_augment: Optional[Callable]  # the model's SpecAugment (input_spec=, length=), or None
+    model_guid: str  # the AccessMixin guid of the model's encoder-capture registry
+
+    def llm_hidden_size(self, key: str) -> int:
+        """The LLM's width, read from ``model.llm.checkpoint``'s config.json (for ``<key>.llm_hidden_size: null``)."""
+        if not self.llm_checkpoint:
+            raise ConfigError(
+                f"{key}.llm_hidden_size is null, so it is read from the LLM folder, but model.llm.checkpoint is not "
+                f"set: point model.llm.checkpoint to a local Hugging Face LLaMA folder (or set {key}.llm_hidden_size)"
+            )
+        from nemo_ctcllm.llm.convert import LLMCheckpointError, read_llama_spec
+
+        try:
+            return read_llama_spec(self.llm_checkpoint).hidden_size
+        except (LLMCheckpointError, OSError) as e:
+            raise ConfigError(f"model.llm.checkpoint: cannot read the LLM config needed by {key}: {e}") from e
 
 
 @dataclass
@@ -42,7 +77,7 @@ class StepContext:
     """What one batch offers to every objective. Tensors keep their NeMo layouts.
 
     Attributes:
-        model: the model (read its tokenizer, decoder, loss; never mutate it here).
+        env: what objectives may use of the model (:class:`ObjectiveEnv`).
         signal: raw audio [B, S]; signal_len: [B].
         encoded: final encoder output [B, D, T]; encoded_len: [B].
         log_probs: final CTC head log-probabilities [B, T, V+1] (blank last, as NeMo).
@@ -51,15 +86,18 @@ class StepContext:
             k -> (output [B, D, T], length [B]).
         selfcond_log_probs: intermediate-head log-probs already computed inside the encoder by
             self-conditioning hooks, keyed by block index: k -> [B, T, V+1].
+        heads: the intermediate CTC heads the terms offer (:meth:`Objective.ctc_heads`), block k -> head.
         compute_wer: whether objectives should also report WER this step (costly decoding).
         labelled: [B] bool, rows that have a transcript, or None when every row has one. Only set when an
             enabled objective uses unlabelled rows (semi-supervised training): a row with an empty target
             (``target_len == 0``, a manifest line without ``text``) is then unlabelled. Objectives that need
             a reference never see unlabelled rows (:func:`compose_loss` hands them :func:`labelled_view`).
+        training: the model is training (not validating/testing).
+        step: the optimizer step (``global_step``).
         cache: per-step results shared between objectives (e.g. the N-best), keyed by their settings.
     """
 
-    model: "EncDecCTCLLMModelBPE"
+    env: ObjectiveEnv
     signal: torch.Tensor
     signal_len: torch.Tensor
     encoded: torch.Tensor
@@ -69,9 +107,21 @@ class StepContext:
     target_len: torch.Tensor
     layers: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     selfcond_log_probs: Dict[int, torch.Tensor] = field(default_factory=dict)
+    heads: Dict[int, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
     compute_wer: bool = False
     labelled: Optional[torch.Tensor] = None
+    training: bool = False
+    step: int = 0
     cache: Dict[Any, Any] = field(default_factory=dict)
+
+    def head_log_probs(self, block: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs [B, T, V+1], lengths [B]) of the final CTC head (block None) or of the intermediate head at
+        ``block``: taken from self-conditioning when the encoder computed it, else run on the captured output."""
+        if block is None:
+            return self.log_probs, self.encoded_len
+        output, length = self.layers[block]  # [B, D, T], [B]
+        stashed = self.selfcond_log_probs.get(block)
+        return (stashed if stashed is not None else self.heads[block](output)), length
 
 
 def labelled_view(ctx: StepContext) -> StepContext:
@@ -98,27 +148,32 @@ def labelled_view(ctx: StepContext) -> StepContext:
 class Objective(torch.nn.Module):
     """Base class of every loss term.
 
-    Subclasses set ``name`` (unique term name, used in logs), ``weight`` and ``warmup_steps`` through
-    ``super().__init__``, may list the encoder blocks they need in ``capture_blocks`` (1-based), and
-    implement ``forward(ctx) -> (loss, stats)`` (``(None, {})``: the term does not run this step and is not
-    logged). ``needed_at_inference`` marks modules that change the
-    encoder's forward pass (self-conditioning) and must survive export. ``uses_unlabelled`` marks an
-    objective that reads rows without a transcript (``ctx.labelled``); every other objective is handed the
-    labelled rows only (see :func:`compose_loss`). ``tp_collective`` marks an objective whose forward runs
-    collectives of the LLM's tensor-parallel group: it is called every step, also on a batch with no row
-    for it (then it must return a zero loss), so that the ranks of the group stay in step.
+    Subclasses set ``name`` (unique term name, used in logs), ``weight``, ``warmup_steps`` and
+    ``every_n_steps`` through ``super().__init__``, may list the encoder blocks they need in ``capture_blocks``
+    (1-based), and implement ``forward(ctx) -> (loss, stats)`` (``(None, {})``: the term does not run this step
+    and is not logged). ``needed_at_inference`` marks modules that change the encoder's forward pass
+    (self-conditioning) and must survive export. ``uses_unlabelled`` marks an objective that reads rows without
+    a transcript (``ctx.labelled``); every other objective is handed the labelled rows only (see
+    :func:`compose_loss`). ``tp_collective`` marks an objective whose forward runs collectives of the LLM's
+    tensor-parallel group: it is called every step, also on a batch with no row for it (then it must return a
+    zero loss), so that the ranks of the group stay in step.
+
+    Life-cycle hooks, called by the model (the defaults do nothing): :meth:`encoder_hooks` (installed once),
+    :meth:`pop_stash` (after every encoder forward), :meth:`ctc_heads` (heads offered to other terms) and
+    :meth:`before_training_step` (before every training batch's forward).
     """
 
     needed_at_inference: bool = False
     uses_unlabelled: bool = False
     tp_collective: bool = False
-    every_n_steps: int = 1  # set from the block by build_objectives; read by compose_loss
 
-    def __init__(self, name: str, weight: float, warmup_steps: int = 0, capture_blocks: Optional[List[int]] = None):
+    def __init__(self, name: str, weight: float, warmup_steps: int = 0, capture_blocks: Optional[List[int]] = None,
+                 every_n_steps: int = 1):
         super().__init__()
         self.name = name
         self.weight = float(weight)
         self.warmup_steps = int(warmup_steps)
+        self.every_n_steps = int(every_n_steps)  # read by compose_loss
         self.capture_blocks = list(capture_blocks or [])
 
     def forward(self, ctx: StepContext) -> Tuple[torch.Tensor, Stats]:  # pragma: no cover - interface
@@ -130,21 +185,61 @@ class Objective(torch.nn.Module):
             return self.weight
         return self.weight * min(1.0, (step + 1) / self.warmup_steps)
 
+    # ------------------------------------------------------------------ life-cycle hooks
+    def encoder_hooks(self, env: ObjectiveEnv) -> Dict[int, Hook]:
+        """Forward hooks to install on encoder blocks, block k (1-based) -> hook; installed once by the model."""
+        return {}
 
-Builder = Callable[[DictConfig, "EncDecCTCLLMModelBPE", str], List[Objective]]
-_REGISTRY: Dict[str, Tuple[Builder, Mapping[str, object]]] = {}
+    def pop_stash(self) -> Dict[int, torch.Tensor]:
+        """Intermediate-head log-probs this term's encoder hooks computed in the last (captured) encoder forward,
+        block k -> [B, T, V+1]; cleared by the call. The model hands them to every term as
+        ``ctx.selfcond_log_probs``."""
+        return {}
+
+    def ctc_heads(self, env: ObjectiveEnv) -> Dict[int, Callable[[torch.Tensor], torch.Tensor]]:
+        """The intermediate CTC heads this term trains, block k -> head (x [B, D, T] -> log-probs [B, T, V+1]);
+        other terms read them through ``ctx.heads`` / :meth:`StepContext.head_log_probs`."""
+        return {}
+
+    def before_training_step(self, env: ObjectiveEnv, optimizer_updates: int) -> None:
+        """Called before every training batch's encoder forward; ``optimizer_updates`` counts the optimizer
+        steps that changed the weights (steps skipped for a non-finite loss excluded)."""
 
 
-def register_objective(name: str, defaults: Mapping[str, object]):
-    """Register ``builder(block, model, key) -> [Objective, ...]`` for ``model.objectives.<name>``.
+@dataclass
+class ObjectiveConfig:
+    """The keys every objective block takes; an objective's block subclasses this dataclass with its own keys
+    and defaults (the one declaration of them) and extends :meth:`check`."""
 
-    ``defaults`` lists the block's own keys with their defaults; any other key is a config error.
-    """
+    enabled: bool = True
+    weight: float = 1.0
+    warmup_steps: int = 0  # the weight ramps linearly from 0 over this many optimizer steps
+    every_n_steps: int = 1  # k: the term runs on training steps with global_step % k == 0 (always in validation)
+
+    def check(self, key: str, env: ObjectiveEnv) -> None:
+        """Validate the block (``key``: ``model.objectives.<name>``); a bad value raises a ConfigError naming it."""
+        check_bool(self.enabled, f"{key}.enabled")
+        check_weight(self.weight, f"{key}.weight")
+        check_int(self.warmup_steps, f"{key}.warmup_steps", 0)
+        check_int(self.every_n_steps, f"{key}.every_n_steps", 1)
+
+    def schedule(self) -> Dict[str, Any]:
+        """The constructor arguments of :class:`Objective` that come from the common keys."""
+        return {"weight": self.weight, "warmup_steps": self.warmup_steps, "every_n_steps": self.every_n_steps}
+
+
+Builder = Callable[[Any, ObjectiveEnv, str], List[Objective]]
+_REGISTRY: Dict[str, Tuple[Builder, Type[ObjectiveConfig]]] = {}
+
+
+def register_objective(name: str, schema: Type[ObjectiveConfig] = ObjectiveConfig):
+    """Register ``builder(cfg, env, key) -> [Objective, ...]`` for ``model.objectives.<name>``, whose block is
+    declared by ``schema`` (a dataclass subclassing :class:`ObjectiveConfig`); ``cfg`` is the checked block."""
 
     def wrap(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise RuntimeError(f"objective '{name}' registered twice")
-        _REGISTRY[name] = (builder, dict(defaults))
+        _REGISTRY[name] = (builder, schema)
         return builder
 
     return wrap
@@ -154,21 +249,21 @@ def registered_objectives() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def read_block(block: Optional[DictConfig], name: str, key: str) -> DictConfig:
-    """Merge a user block over the objective's defaults; reject unknown keys and bad common values."""
-    _, defaults = _REGISTRY[name]
-    merged = merge_block(block, {**COMMON_KEYS, **defaults}, key)
-    check_weight(merged.weight, f"{key}.weight")
-    if not isinstance(merged.warmup_steps, int) or merged.warmup_steps < 0:
-        raise ConfigError(f"{key}.warmup_steps must be an integer >= 0, got {merged.warmup_steps!r}")
-    check_int(merged.every_n_steps, f"{key}.every_n_steps", 1)
-    return merged
+def objective_schema(name: str) -> Type[ObjectiveConfig]:
+    """The declared block of a registered objective."""
+    return _REGISTRY[name][1]
 
 
-def build_objectives(cfg: Optional[DictConfig], model: "EncDecCTCLLMModelBPE") -> torch.nn.ModuleDict:
-    """Build every enabled objective of ``model.objectives`` (``ctc_final`` is always present)."""
-    import nemo_ctcllm.objectives  # noqa: F401  (registers the built-in objectives)
+def build_objectives(
+    cfg: Optional[DictConfig], env: ObjectiveEnv
+) -> Tuple[torch.nn.ModuleDict, Dict[str, Dict[str, Any]]]:
+    """Build every enabled objective of ``model.objectives`` (``ctc_final`` is always present).
 
+    Returns (terms, filled): ``filled[name]`` holds the block values that were read from elsewhere
+    (``llm_hidden_size: null`` -> the LLM folder's width), for the model to write back into its config so that
+    a restored ``.nemo`` builds its modules without the LLM. The built-in objectives are registered by
+    importing ``nemo_ctcllm.objectives`` (which importing this module does first).
+    """
     user = OmegaConf.create({}) if cfg is None else cfg
     unknown = sorted(set(user.keys()) - set(_REGISTRY))
     if unknown:
@@ -176,20 +271,24 @@ def build_objectives(cfg: Optional[DictConfig], model: "EncDecCTCLLMModelBPE") -
             f"model.objectives: unknown objective(s) {unknown}; registered objectives: {registered_objectives()}"
         )
     terms = torch.nn.ModuleDict()
+    filled: Dict[str, Dict[str, Any]] = {}
     for name in registered_objectives():
         if name != "ctc_final" and name not in user:
             continue
         key = f"model.objectives.{name}"
-        block = read_block(user.get(name), name, key)
+        builder, schema = _REGISTRY[name]
+        block = read_dataclass(user.get(name), schema, key)
+        block.check(key, env)
         if name == "ctc_final" and not block.enabled:
             raise ConfigError(f"{key}.enabled: the final CTC head is the model; set {key}.weight: 0 instead")
         if not block.enabled:
             continue
-        builder, _ = _REGISTRY[name]
-        for term in builder(block, model, key):
+        if getattr(block, "llm_hidden_size", 0) is None:
+            block = dataclasses.replace(block, llm_hidden_size=env.llm_hidden_size(key))
+            filled[name] = {"llm_hidden_size": block.llm_hidden_size}
+        for term in builder(block, env, key):
             if term.name in terms:
                 raise ConfigError(f"{key}: term name '{term.name}' is already used by another objective")
-            term.every_n_steps = block.every_n_steps
             terms[term.name] = term
     total_weight = sum(t.weight for t in terms.values())
     if total_weight <= 0.0:
@@ -197,7 +296,7 @@ def build_objectives(cfg: Optional[DictConfig], model: "EncDecCTCLLMModelBPE") -
             "model.objectives: every loss weight is 0, so nothing would be trained; "
             "set model.objectives.ctc_final.weight (default 1.0) or another weight > 0"
         )
-    return terms
+    return terms, filled
 
 
 def compose_loss(
@@ -223,7 +322,7 @@ def compose_loss(
     if ctx.labelled is not None:
         logs[f"{prefix}/labelled_rows"] = ctx.labelled.sum().float()
     for name, term in terms.items():
-        if ctx.model.training and step % term.every_n_steps != 0:  # same step on every rank: TP groups stay in step
+        if ctx.training and step % term.every_n_steps != 0:  # same step on every rank: TP groups stay in step
             loss, stats = None, {}
         else:
             view = ctx if term.uses_unlabelled else labelled

@@ -20,14 +20,15 @@ Cost: the decoder runs on U + 1 tokens with cross-attention over T frames; no ex
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
-from nemo_ctcllm.objectives.base import ConfigError, Objective, StepContext, Stats, check_int, check_number, register_objective
-from nemo_ctcllm.objectives.common import length_mask, masked_mean
+from nemo_ctcllm.config import ConfigError, check_int, check_number
+from nemo_ctcllm.objectives.base import Objective, ObjectiveConfig, ObjectiveEnv, StepContext, Stats, register_objective
+from nemo_ctcllm.objectives.shared.tensors import length_mask, masked_mean
 
 
 def sinusoid_positions(length: int, width: int, device) -> torch.Tensor:
@@ -43,8 +44,9 @@ def sinusoid_positions(length: int, width: int, device) -> torch.Tensor:
 class JointLM(Objective):
     """Token cross entropy of a transformer decoder that attends to the encoder output (module docstring)."""
 
-    def __init__(self, name: str, weight: float, warmup_steps: int, width: int, vocab_size: int, block: DictConfig):
-        super().__init__(name, weight, warmup_steps)
+    def __init__(self, name: str, weight: float, warmup_steps: int, width: int, vocab_size: int,
+                 block: "JointLMConfig", every_n_steps: int = 1):
+        super().__init__(name, weight, warmup_steps, every_n_steps=every_n_steps)
         self.vocab_size = vocab_size
         self.bos_id = vocab_size
         self.eos_id = vocab_size + 1
@@ -100,20 +102,27 @@ class JointLM(Objective):
         return loss, {"acc": acc.detach().float()}
 
 
-DEFAULTS = {"layers": 1, "heads": 2, "ffn_mult": 4, "dropout": 0.0}
+@dataclass
+class JointLMConfig(ObjectiveConfig):
+    layers: int = 1  # transformer decoder layers
+    heads: int = 2  # attention heads; must divide the encoder output width
+    ffn_mult: int = 4  # feed-forward width = ffn_mult * width
+    dropout: float = 0.0
+
+    def check(self, key: str, env: ObjectiveEnv) -> None:
+        super().check(key, env)
+        width = env.encoded_width
+        check_int(self.layers, f"{key}.layers", 1)
+        check_int(self.heads, f"{key}.heads", 1)
+        if width % self.heads:
+            divisors = [h for h in range(1, width + 1) if width % h == 0]
+            raise ConfigError(
+                f"{key}.heads must divide the encoder output width {width}; allowed: {divisors}, got {self.heads}"
+            )
+        check_int(self.ffn_mult, f"{key}.ffn_mult", 1)
+        check_number(self.dropout, f"{key}.dropout", 0.0, 1.0, high_open=True)
 
 
-@register_objective("joint_lm", defaults=DEFAULTS)
-def build_joint_lm(block: DictConfig, model, key: str) -> List[Objective]:
-    width = model.decoder._feat_in  # encoder output width (d_model or its out_proj)
-    check_int(block.layers, f"{key}.layers", 1)
-    check_int(block.heads, f"{key}.heads", 1)
-    if width % block.heads:
-        divisors = [h for h in range(1, width + 1) if width % h == 0]
-        raise ConfigError(
-            f"{key}.heads must divide the encoder output width {width}; allowed: {divisors}, got {block.heads}"
-        )
-    check_int(block.ffn_mult, f"{key}.ffn_mult", 1)
-    check_number(block.dropout, f"{key}.dropout", 0.0, 1.0, high_open=True)
-    vocab_size = model.decoder.num_classes_with_blank - 1  # ASR pieces, without the CTC blank
-    return [JointLM("joint_lm", block.weight, block.warmup_steps, width, vocab_size, block)]
+@register_objective("joint_lm", JointLMConfig)
+def build_joint_lm(cfg: JointLMConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
+    return [JointLM("joint_lm", width=env.encoded_width, vocab_size=env.vocab_size, block=cfg, **cfg.schedule())]

@@ -10,7 +10,7 @@ Both sides are embedded by the same frozen LLM, so both live in one language spa
 
 (BOS is left out of both means: its state is an attention sink.) The InfoNCE, the in-batch negatives gathered
 over all ranks, the masking of duplicate transcripts and the reference-feature cache are ``clip``'s
-(:class:`nemo_ctcllm.objectives.clip.ClipObjective`, which this class extends): the only difference is the
+(:mod:`nemo_ctcllm.objectives.shared.contrastive`, shared by both): the only difference is the
 "audio" side, which here is the LLM's reading of what the CTC head *says*, not the pooled acoustic encoder
 output. The loss pulls each hypothesis towards the meaning of its own reference and away from the batch's other
 sentences; its gradient reaches the encoder through the bridge (the segments' posteriors) only.
@@ -22,30 +22,18 @@ the queries) while megatron's backward needs one output gradient per TP group.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from nemo_ctcllm.llm.tp import gather_llm_inputs, mean_grad_over_tp
-from nemo_ctcllm.objectives.base import (
-    ConfigError,
-    Stats,
-    StepContext,
-    check_int,
-    check_number,
-    register_objective,
-)
-from nemo_ctcllm.objectives.bridge import (
-    BRIDGE_DEFAULTS,
-    SoftHypothesis,
-    SoftText,
-    check_bridge_keys,
-)
-from nemo_ctcllm.objectives.clip import ClipObjective
-from nemo_ctcllm.objectives.common import resolve_llm_hidden_size, transcripts
+from nemo_ctcllm.objectives.base import ObjectiveEnv, StepContext, Stats, register_objective
+from nemo_ctcllm.objectives.shared.bridge import BridgeConfig, SoftHypothesis, SoftText
+from nemo_ctcllm.objectives.shared.contrastive import ContrastiveConfig, TwoTowerInfoNCE
+from nemo_ctcllm.objectives.shared.tensors import transcripts
 
 
 def pooled_soft_hidden(host, soft: SoftText) -> Tensor:
@@ -64,34 +52,30 @@ def pooled_soft_hidden(host, soft: SoftText) -> Tensor:
     return pooled[mine]
 
 
-class LangContrastive(ClipObjective):
-    """clip's InfoNCE between the LLM-pooled soft CTC hypothesis and the LLM-pooled reference."""
+class LangContrastive(TwoTowerInfoNCE):
+    """The two-tower InfoNCE between the LLM-pooled soft CTC hypothesis and the LLM-pooled reference."""
 
     def __init__(self, name, weight, warmup_steps, reader: SoftHypothesis, d_llm: int, dim: int, cache_text: bool,
-                 init_temperature: float):
-        super().__init__(name, weight, warmup_steps, d_llm, d_llm, dim, "mean", cache_text, init_temperature)
+                 init_temperature: float, every_n_steps: int = 1):
+        super().__init__(name, weight, warmup_steps, d_llm, d_llm, dim, cache_text, init_temperature,
+                         every_n_steps=every_n_steps, capture_blocks=[reader.head_block] if reader.head_block else [])
         self.reader = reader
-        self.capture_blocks = [reader.head_block] if reader.head_block else []
 
     def forward(self, ctx: StepContext) -> Tuple[Tensor, Stats]:
-        host, texts = ctx.model.llm, transcripts(ctx)
+        host, texts = ctx.env.llm(), transcripts(ctx)
         soft = self.reader(ctx, host.tokenizer, host.embed, self.training)
         pooled = pooled_soft_hidden(host, soft).to(ctx.log_probs.device)  # [B, H]
         loss, stats = self.contrastive(pooled, self.text_features(host, texts), texts)
         return loss, {**stats, "hyp_tokens": soft.lengths.float().mean().detach()}
 
 
-@register_objective(
-    "lang_contrastive",
-    defaults={**BRIDGE_DEFAULTS, "dim": 256, "cache_text": True, "init_temperature": 0.07, "llm_hidden_size": None},
-)
-def build_lang_contrastive(block: DictConfig, model, key: str) -> List[LangContrastive]:
-    head = check_bridge_keys(block, model, key)
-    dim = check_int(block.dim, f"{key}.dim", 1)
-    if not isinstance(block.cache_text, bool):
-        raise ConfigError(f"{key}.cache_text must be true or false, got {block.cache_text!r}")
-    temp = check_number(block.init_temperature, f"{key}.init_temperature", 0.01, 1.0)
-    d_llm = resolve_llm_hidden_size(model, block, key)
-    reader = SoftHypothesis(head, block.estimator, float(block.gumbel_tau), block.gumbel_hard)
-    return [LangContrastive("lang_contrastive", block.weight, block.warmup_steps, reader, d_llm, dim,
-                            block.cache_text, float(temp))]
+@dataclass
+class LangContrastiveConfig(BridgeConfig, ContrastiveConfig):
+    pass
+
+
+@register_objective("lang_contrastive", LangContrastiveConfig)
+def build_lang_contrastive(cfg: LangContrastiveConfig, env: ObjectiveEnv, key: str) -> List[LangContrastive]:
+    return [LangContrastive("lang_contrastive", reader=cfg.reader(), d_llm=cfg.llm_hidden_size, dim=cfg.dim,
+                            cache_text=cfg.cache_text, init_temperature=float(cfg.init_temperature),
+                            **cfg.schedule())]

@@ -1,11 +1,12 @@
 """``llm_lm_loss``: the CTC hypothesis, made soft by the bridge, read by the frozen LLM.
 
 The greedy CTC hypothesis of the final head (or of an interctc head, ``head_block``) goes through the bridge
-(:mod:`nemo_ctcllm.objectives.bridge`): soft token embeddings e_1..e_N in the LLM's input space, differentiable
+(:mod:`nemo_ctcllm.objectives.shared.bridge`): soft token embeddings e_1..e_N in the LLM's input space, differentiable
 w.r.t. the CTC posteriors. Two losses (``target``):
 
 * ``reference`` (default): the soft hypothesis is a prompt, the LLM's causal-LM loss of the *reference*
-  transcript follows it, exactly the sequence of ``llm_prefix_clm`` with the hypothesis as the prompt:
+  transcript follows it, exactly the sequence of ``llm_prefix_clm`` (:mod:`nemo_ctcllm.objectives.shared.prefix`)
+  with the hypothesis as the prompt:
 
       [ BOS | e_1 .. e_N | instruction | reference tokens | EOS ],
       L = -1/#tokens sum_u log p_LLM(y_u | BOS, e, instruction, y_<u)
@@ -29,30 +30,19 @@ table, and kept as a plain attribute (like ``clip``'s text cache): never in ``st
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from nemo_ctcllm.config import ConfigError, check_choice, check_str
 from nemo_ctcllm.llm.tp import gather_llm_inputs
-from nemo_ctcllm.objectives.base import (
-    ConfigError,
-    Objective,
-    Stats,
-    StepContext,
-    check_choice,
-    register_objective,
-)
-from nemo_ctcllm.objectives.bridge import (
-    BRIDGE_DEFAULTS,
-    SoftHypothesis,
-    SoftText,
-    check_bridge_keys,
-)
-from nemo_ctcllm.objectives.common import transcripts
-from nemo_ctcllm.objectives.llm_prefix_clm import IGNORE_INDEX, prefix_clm
+from nemo_ctcllm.objectives.base import Objective, ObjectiveEnv, Stats, StepContext, register_objective
+from nemo_ctcllm.objectives.shared.bridge import BridgeConfig, SoftHypothesis, SoftText
+from nemo_ctcllm.objectives.shared.prefix import IGNORE_INDEX, prefix_clm
+from nemo_ctcllm.objectives.shared.tensors import transcripts
 
 TARGETS = ("reference", "hypothesis")
 
@@ -89,27 +79,36 @@ def llm_lm_loss(host, soft: SoftText, texts: Sequence[str], target: str, first_t
 class LLMLMLoss(Objective):
     """The frozen LLM's loss on the soft CTC hypothesis (``target``: reference or hypothesis)."""
 
-    def __init__(self, name, weight, warmup_steps, reader: SoftHypothesis, target: str, instruction: str):
-        super().__init__(name, weight, warmup_steps, capture_blocks=[reader.head_block] if reader.head_block else [])
+    def __init__(self, name, weight, warmup_steps, reader: SoftHypothesis, target: str, instruction: str,
+                 every_n_steps: int = 1):
+        super().__init__(name, weight, warmup_steps, capture_blocks=[reader.head_block] if reader.head_block else [],
+                         every_n_steps=every_n_steps)
         self.reader = reader
         self.target = target
         self.instruction = instruction
 
     def forward(self, ctx: StepContext) -> Tuple[Tensor, Stats]:
-        host = ctx.model.llm
+        host = ctx.env.llm()
         soft = self.reader(ctx, host.tokenizer, host.embed, self.training)
         loss = llm_lm_loss(host, soft, transcripts(ctx), self.target, self.reader.pmap.first_token, self.instruction)
         stats = {"hyp_tokens": soft.lengths.float().mean().detach()}
         return loss.to(ctx.log_probs.device), stats
 
 
-@register_objective("llm_lm_loss", defaults={**BRIDGE_DEFAULTS, "target": "reference", "instruction": ""})
-def build_llm_lm_loss(block: DictConfig, model, key: str) -> List[Objective]:
-    head = check_bridge_keys(block, model, key)
-    check_choice(block.target, f"{key}.target", TARGETS)
-    if not isinstance(block.instruction, str):
-        raise ConfigError(f"{key}.instruction must be a string, got {block.instruction!r}")
-    if block.target == "hypothesis" and block.instruction:
-        raise ConfigError(f"{key}.instruction is only used with target: reference")
-    reader = SoftHypothesis(head, block.estimator, float(block.gumbel_tau), block.gumbel_hard)
-    return [LLMLMLoss("llm_lm_loss", block.weight, block.warmup_steps, reader, block.target, block.instruction)]
+@dataclass
+class LLMLMLossConfig(BridgeConfig):
+    target: str = "reference"  # one of TARGETS
+    instruction: str = ""  # text between the hypothesis and the reference (target: reference)
+
+    def check(self, key: str, env: ObjectiveEnv) -> None:
+        super().check(key, env)
+        check_choice(self.target, f"{key}.target", TARGETS)
+        check_str(self.instruction, f"{key}.instruction")
+        if self.target == "hypothesis" and self.instruction:
+            raise ConfigError(f"{key}.instruction is only used with target: reference")
+
+
+@register_objective("llm_lm_loss", LLMLMLossConfig)
+def build_llm_lm_loss(cfg: LLMLMLossConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
+    return [LLMLMLoss("llm_lm_loss", reader=cfg.reader(), target=cfg.target, instruction=cfg.instruction,
+                      **cfg.schedule())]

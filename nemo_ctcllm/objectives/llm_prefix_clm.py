@@ -22,34 +22,31 @@ when an instruction precedes it, the natural continuation of "Transcribe:"). Onl
 EOS are counted; BOS, prompt and instruction positions are ignored. The loss is the token-level mean over
 the batch (the LM convention); :meth:`LlmPrefixCLM.utterance_losses` gives the per-utterance means.
 
-Tensor parallelism: the transcripts (whose vocab-parallel embedding lookup is itself a TP collective) and
-then the prompts, labels and lengths are all-gathered within the LLM's TP group (:mod:`nemo_ctcllm.llm.tp`), so every TP rank runs the LLM on the same concatenated batch and gets back the
-gradient of its own prompts (scaled as TP=1 on its own batch). The LLM is only touched in ``forward``.
+Tensor parallelism (:mod:`nemo_ctcllm.objectives.shared.prefix`): the transcripts and then the prompts, labels
+and lengths are all-gathered within the LLM's TP group, so every TP rank runs the LLM on the same concatenated
+batch and gets back the gradient of its own prompts (scaled as TP=1 on its own batch). The LLM is only touched
+in ``forward``.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 
-from nemo_ctcllm.llm.tp import gather_llm_inputs, gather_objects
-from nemo_ctcllm.objectives.common import resolve_llm_hidden_size, transcripts
-from nemo_ctcllm.objectives.base import (
-    ConfigError,
-    Objective,
-    StepContext,
-    Stats,
-    check_choice,
-    check_int,
-    register_objective,
+from nemo_ctcllm.config import check_choice, check_int, check_str
+from nemo_ctcllm.objectives.base import ObjectiveConfig, ObjectiveEnv, Objective, StepContext, Stats, register_objective
+from nemo_ctcllm.objectives.shared.checks import (
+    check_block_weights,
+    check_blocks,
+    check_llm_hidden_size,
+    encoder_depth,
 )
-from nemo_ctcllm.objectives.ctc import check_block_weights, check_blocks, encoder_depth
+from nemo_ctcllm.objectives.shared.prefix import prefix_clm
+from nemo_ctcllm.objectives.shared.tensors import transcripts
 
-IGNORE_INDEX = -100
 CONNECTORS = ("linear", "mlp")
 
 
@@ -80,56 +77,12 @@ class Connector(nn.Module):
         return self.proj(stacked), out_len
 
 
-def build_sequences(host, prompt: Tensor, prompt_len: Tensor, texts: Sequence[str], instruction: str):
-    """LLM inputs for [BOS | prompt | instruction | transcript | EOS], right padded.
-
-    prompt [b, P, H], prompt_len [b] -> embeds [b, L, H] (prompt dtype; grad flows to ``prompt``),
-    labels [b, L] (megatron-shifted: labels[:, t] is the token at t+1; only transcript and EOS counted),
-    lengths [b].
-    """
-    sep = " " if instruction else ""
-    bos_ids, _ = host.tokenize([""], add_bos=True)  # [1, 1]
-    instr_ids, instr_len = host.tokenize([instruction], add_bos=False)  # [1, I]
-    n_instr = int(instr_len[0])
-    head = host.embed(torch.cat([bos_ids, instr_ids], 1))[0].to(prompt.dtype)  # [1+I, H]: BOS, instruction
-    # the (vocab-parallel) embedding lookup is a TP collective: every TP rank embeds the group's transcripts
-    all_texts, mine = gather_objects(texts)
-    text_ids, text_len = host.tokenize([sep + t for t in all_texts], add_bos=False, add_eos=True)  # [B, U], [B]
-    text_emb = host.embed(text_ids)[mine].to(prompt.dtype)  # [b, U, H]
-    text_ids, text_len = text_ids[mine].to(prompt.device), text_len[mine]  # [b, U], [b]
-    rows: List[Tensor] = []
-    labels: List[Tensor] = []
-    for b, (P, U) in enumerate(zip(prompt_len.tolist(), text_len.tolist())):
-        seq = torch.cat([head[:1], prompt[b, :P], head[1: 1 + n_instr], text_emb[b, :U]])  # [1+P+I+U, H]
-        lab = torch.full((seq.shape[0],), IGNORE_INDEX, dtype=torch.long, device=prompt.device)  # [1+P+I+U]
-        start = 1 + P + n_instr  # position of the first transcript token; it is predicted at start-1
-        lab[start - 1: start - 1 + U] = text_ids[b, :U]
-        rows.append(seq)
-        labels.append(lab)
-    lengths = torch.tensor([r.shape[0] for r in rows], device=prompt.device)  # [b]
-    embeds = pad_sequence(rows, batch_first=True)  # [b, L, H]
-    return embeds, pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX), lengths
-
-
-def prefix_clm(host, prompt: Tensor, prompt_len: Tensor, texts: Sequence[str], instruction: str = ""):
-    """CLM of ``texts`` given soft prompts, gathered over the TP group.
-
-    Returns (per-utterance mean token loss [b] of this rank's rows, loss: token-level mean over the TP
-    group's concatenated batch -- at TP=1, over this batch).
-    """
-    embeds, labels, lengths = build_sequences(host, prompt, prompt_len, texts, instruction)
-    embeds, labels, lengths, rows = gather_llm_inputs(embeds, labels, lengths)  # [B, L, H], [B, L], [B]
-    token_loss, loss = host.forward_embeds(embeds, labels, lengths=lengths)  # [B, L], scalar
-    counts = (labels != IGNORE_INDEX).sum(1).clamp(min=1).to(token_loss.device)  # [B]
-    return (token_loss.sum(1) / counts)[rows], loss
-
-
 class LlmPrefixCLM(Objective):
     """sum_k w_k * CLM_k over the connectors at ``blocks`` (see the module docstring)."""
 
     def __init__(self, name, weight, warmup_steps, blocks: List[int], weights: List[float], connectors: nn.ModuleDict,
-                 instruction: str):
-        super().__init__(name, weight, warmup_steps, capture_blocks=blocks)
+                 instruction: str, every_n_steps: int = 1):
+        super().__init__(name, weight, warmup_steps, capture_blocks=blocks, every_n_steps=every_n_steps)
         self.blocks = list(blocks)
         self.block_weights = [float(w) for w in weights]
         self.connectors = connectors  # str(k) -> Connector
@@ -142,10 +95,10 @@ class LlmPrefixCLM(Objective):
     def utterance_losses(self, ctx: StepContext, block: int) -> Tensor:
         """Per-utterance CLM (mean over its transcript tokens) [B] for the connector at ``block``."""
         prompt, prompt_len = self.prompt(ctx, block)
-        return prefix_clm(ctx.model.llm, prompt, prompt_len, transcripts(ctx), self.instruction)[0]
+        return prefix_clm(ctx.env.llm(), prompt, prompt_len, transcripts(ctx), self.instruction)[0]
 
     def forward(self, ctx: StepContext) -> Tuple[Tensor, Stats]:
-        host, texts = ctx.model.llm, transcripts(ctx)
+        host, texts = ctx.env.llm(), transcripts(ctx)
         total = ctx.encoded.new_zeros(())
         stats: Stats = {}
         for k, w in zip(self.blocks, self.block_weights):
@@ -156,22 +109,30 @@ class LlmPrefixCLM(Objective):
         return total, stats
 
 
-@register_objective(
-    "llm_prefix_clm",
-    defaults={"blocks": [], "weights": [], "stack": 4, "connector": "linear", "instruction": "",
-              "llm_hidden_size": None},
-)
-def build_llm_prefix_clm(block: DictConfig, model, key: str) -> List[Objective]:
+@dataclass
+class LlmPrefixCLMConfig(ObjectiveConfig):
+    blocks: List[int] = field(default_factory=list)  # encoder blocks with a connector (1-based; last allowed)
+    weights: List[float] = field(default_factory=list)  # one weight in [0, 1] per block
+    stack: int = 4  # frames concatenated per prompt vector
+    connector: str = "linear"  # one of CONNECTORS
+    instruction: str = ""  # text between the prompt and the transcript
+    llm_hidden_size: Optional[int] = None  # null: read from model.llm.checkpoint at construction
+
+    def check(self, key: str, env: ObjectiveEnv) -> None:
+        super().check(key, env)
+        check_blocks(self.blocks, encoder_depth(env, key), f"{key}.blocks", allow_last=True)
+        check_block_weights(self.weights, self.blocks, f"{key}.weights")
+        check_int(self.stack, f"{key}.stack", 1)
+        check_choice(self.connector, f"{key}.connector", CONNECTORS)
+        check_str(self.instruction, f"{key}.instruction")
+        check_llm_hidden_size(self.llm_hidden_size, f"{key}.llm_hidden_size")
+
+
+@register_objective("llm_prefix_clm", LlmPrefixCLMConfig)
+def build_llm_prefix_clm(cfg: LlmPrefixCLMConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
     """One term ``llm_prefix_clm`` with a connector per block; weight ``weight``, per-block ``weights``."""
-    depth = encoder_depth(model, key)
-    blocks = check_blocks(list(block.blocks), depth, f"{key}.blocks", allow_last=True)
-    weights = check_block_weights(block.weights, blocks, f"{key}.weights")
-    stack = check_int(block.stack, f"{key}.stack", 1)  # frames concatenated per prompt vector
-    check_choice(block.connector, f"{key}.connector", CONNECTORS)
-    if not isinstance(block.instruction, str):
-        raise ConfigError(f"{key}.instruction must be a string, got {block.instruction!r}")
-    hidden = resolve_llm_hidden_size(model, block, key)
-    d_in = model.decoder._feat_in  # width of captured block outputs (after the encoder's out_proj, if any)
-    connectors = nn.ModuleDict({str(k): Connector(d_in, stack, hidden, block.connector) for k in blocks})
-    return [LlmPrefixCLM("llm_prefix_clm", block.weight, block.warmup_steps, blocks, weights, connectors,
-                         block.instruction)]
+    connectors = nn.ModuleDict(
+        {str(k): Connector(env.encoded_width, cfg.stack, cfg.llm_hidden_size, cfg.connector) for k in cfg.blocks}
+    )
+    return [LlmPrefixCLM("llm_prefix_clm", blocks=cfg.blocks, weights=cfg.weights, connectors=connectors,
+                         instruction=cfg.instruction, **cfg.schedule())]

@@ -1,7 +1,7 @@
 """``llm_pseudo_label``: Variant B, LLM-ranked N-best -> pseudo-label (regularizer and semi-supervised).
 
 Per utterance the CTC N-best is ranked by the combined score s_n = κ·a_n + λ·l_n (acoustic log-probability
-plus λ times the frozen LLM's log-likelihood, :mod:`nemo_ctcllm.objectives.hypotheses`); the best, y*, is
+plus λ times the frozen LLM's log-likelihood, :mod:`nemo_ctcllm.objectives.shared.hypotheses`); the best, y*, is
 the pseudo-label and its posterior P* = softmax_n(s_n)[*] over the N-best is its confidence. Rows with
 P* >= ``confidence_threshold`` are kept (the filtering of noisy-student / pseudo-labelling, e.g. Kahn et al.
 2020, arXiv 1909.09116; Higuchi et al. 2021, arXiv 2104.08416) and trained with
@@ -19,25 +19,17 @@ The search and the LLM run without gradients; the loss reaches the encoder throu
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor
 
-from nemo_ctcllm.objectives.base import (
-    ConfigError,
-    Objective,
-    Stats,
-    StepContext,
-    check_bool,
-    check_choice,
-    check_number,
-    register_objective,
-)
-from nemo_ctcllm.objectives.hypotheses import SEARCH_DEFAULTS, SearchSettings, hypotheses, require_llm
-from nemo_ctcllm.objectives.llm_rescoring import top_choices
+from nemo_ctcllm.config import ConfigError, check_bool, check_choice, check_number
+from nemo_ctcllm.objectives.base import Objective, ObjectiveEnv, Stats, StepContext, register_objective
+from nemo_ctcllm.objectives.shared.checks import require_llm
+from nemo_ctcllm.objectives.shared.hypotheses import SearchConfig, SearchSettings, hypotheses, top_choices
 
 LOSSES = ("ctc", "margin", "both")
 
@@ -48,8 +40,8 @@ class LlmPseudoLabel(Objective):
     tp_collective = True
 
     def __init__(self, name, weight, warmup_steps, settings: SearchSettings, loss: str, margin: float,
-                 confidence_threshold: float, labelled: bool, unlabelled: bool):
-        super().__init__(name, weight, warmup_steps)
+                 confidence_threshold: float, labelled: bool, unlabelled: bool, every_n_steps: int = 1):
+        super().__init__(name, weight, warmup_steps, every_n_steps=every_n_steps)
         self.settings = settings
         self.loss = loss
         self.margin = margin
@@ -91,20 +83,28 @@ class LlmPseudoLabel(Objective):
         return loss, stats
 
 
-@register_objective(
-    "llm_pseudo_label",
-    defaults={**SEARCH_DEFAULTS, "loss": "ctc", "margin": 1.0, "confidence_threshold": 0.0, "labelled": True,
-              "unlabelled": False},
-)
-def build_llm_pseudo_label(block: DictConfig, model, key: str) -> List[Objective]:
-    settings = SearchSettings.read(block, key)
-    loss = check_choice(block.loss, f"{key}.loss", LOSSES)
-    margin = check_number(block.margin, f"{key}.margin", 0.0, 1000.0)
-    threshold = check_number(block.confidence_threshold, f"{key}.confidence_threshold", 0.0, 1.0)
-    labelled = check_bool(block.labelled, f"{key}.labelled")
-    unlabelled = check_bool(block.unlabelled, f"{key}.unlabelled")
-    if not (labelled or unlabelled):
-        raise ConfigError(f"{key}: labelled and unlabelled are both false, so no row would be used; enable one")
-    require_llm(model, key)
-    return [LlmPseudoLabel("llm_pseudo_label", block.weight, block.warmup_steps, settings, loss, margin,
-                           threshold, labelled, unlabelled)]
+@dataclass
+class LlmPseudoLabelConfig(SearchConfig):
+    loss: str = "ctc"  # one of LOSSES
+    margin: float = 1.0  # m of the margin loss, in nats
+    confidence_threshold: float = 0.0  # rows whose pseudo-label posterior P* is lower are not trained on
+    labelled: bool = True  # train on rows with a transcript
+    unlabelled: bool = False  # train on rows without one (semi-supervised)
+
+    def check(self, key: str, env: ObjectiveEnv) -> None:
+        super().check(key, env)
+        check_choice(self.loss, f"{key}.loss", LOSSES)
+        check_number(self.margin, f"{key}.margin", 0.0, 1000.0)
+        check_number(self.confidence_threshold, f"{key}.confidence_threshold", 0.0, 1.0)
+        check_bool(self.labelled, f"{key}.labelled")
+        check_bool(self.unlabelled, f"{key}.unlabelled")
+        if not (self.labelled or self.unlabelled):
+            raise ConfigError(f"{key}: labelled and unlabelled are both false, so no row would be used; enable one")
+
+
+@register_objective("llm_pseudo_label", LlmPseudoLabelConfig)
+def build_llm_pseudo_label(cfg: LlmPseudoLabelConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
+    require_llm(env, key)
+    return [LlmPseudoLabel("llm_pseudo_label", settings=SearchSettings.read(cfg, key), loss=cfg.loss,
+                           margin=float(cfg.margin), confidence_threshold=float(cfg.confidence_threshold),
+                           labelled=cfg.labelled, unlabelled=cfg.unlabelled, **cfg.schedule())]

@@ -1,7 +1,7 @@
 """``llm_rescoring``: language-aware training by in-training reranking with the frozen LLM (MWER-style).
 
 Per utterance, the CTC N-best y_1..y_N with acoustic log-probabilities a_n = log p_CTC(y_n | x) and LLM
-log-likelihoods l_n (:mod:`nemo_ctcllm.objectives.hypotheses`) are combined as in shallow fusion,
+log-likelihoods l_n (:mod:`nemo_ctcllm.objectives.shared.hypotheses`) are combined as in shallow fusion,
 s_n = κ·a_n + λ·l_n, and turned into a posterior over the N-best, P_n = softmax_n(s_n). The loss is the
 expected number of word errors under that posterior, with the N-best mean as baseline (minimum word error
 rate training, Prabhavalkar et al. 2018, arXiv 1712.01818; Shannon 2017 for the sequence-risk form):
@@ -19,26 +19,16 @@ changes the top hypothesis (``top_changed``). Off at inference: the model decode
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
 
-from nemo_ctcllm.objectives.base import Objective, Stats, StepContext, check_bool, register_objective
-from nemo_ctcllm.objectives.common import masked_mean, transcripts
-from nemo_ctcllm.objectives.hypotheses import (
-    SEARCH_DEFAULTS,
-    SearchSettings,
-    hypotheses,
-    require_llm,
-    word_errors,
-)
-
-
-def top_choices(hyps, settings: SearchSettings) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Indices [B] of the acoustic best and of the LLM-rescored best hypothesis."""
-    acoustic = hyps.acoustic.detach().masked_fill(~hyps.valid, float("-inf"))
-    return acoustic.argmax(1), hyps.combined(settings).detach().argmax(1)
+from nemo_ctcllm.config import check_bool
+from nemo_ctcllm.objectives.base import Objective, ObjectiveEnv, Stats, StepContext, register_objective
+from nemo_ctcllm.objectives.shared.checks import require_llm
+from nemo_ctcllm.objectives.shared.hypotheses import SearchConfig, SearchSettings, hypotheses, top_choices, word_errors
+from nemo_ctcllm.objectives.shared.tensors import masked_mean, transcripts
 
 
 class LlmRescoring(Objective):
@@ -46,8 +36,9 @@ class LlmRescoring(Objective):
 
     tp_collective = True
 
-    def __init__(self, name, weight, warmup_steps, settings: SearchSettings, normalize_risk: bool):
-        super().__init__(name, weight, warmup_steps)
+    def __init__(self, name, weight, warmup_steps, settings: SearchSettings, normalize_risk: bool,
+                 every_n_steps: int = 1):
+        super().__init__(name, weight, warmup_steps, every_n_steps=every_n_steps)
         self.settings = settings
         self.normalize_risk = normalize_risk
 
@@ -73,9 +64,17 @@ class LlmRescoring(Objective):
         }
 
 
-@register_objective("llm_rescoring", defaults={**SEARCH_DEFAULTS, "normalize_risk": False})
-def build_llm_rescoring(block: DictConfig, model, key: str) -> List[Objective]:
-    settings = SearchSettings.read(block, key)
-    normalize = check_bool(block.normalize_risk, f"{key}.normalize_risk")
-    require_llm(model, key)
-    return [LlmRescoring("llm_rescoring", block.weight, block.warmup_steps, settings, normalize)]
+@dataclass
+class LlmRescoringConfig(SearchConfig):
+    normalize_risk: bool = False  # word errors divided by the reference's word count
+
+    def check(self, key: str, env: ObjectiveEnv) -> None:
+        super().check(key, env)
+        check_bool(self.normalize_risk, f"{key}.normalize_risk")
+
+
+@register_objective("llm_rescoring", LlmRescoringConfig)
+def build_llm_rescoring(cfg: LlmRescoringConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
+    require_llm(env, key)
+    return [LlmRescoring("llm_rescoring", settings=SearchSettings.read(cfg, key), normalize_risk=cfg.normalize_risk,
+                         **cfg.schedule())]

@@ -32,33 +32,25 @@ texts are scored without gradient; gradients reach the encoder through the CTC l
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
+from nemo_ctcllm.config import ConfigError, check_choice, check_int, check_number
 from nemo_ctcllm.decoding.nbest import collapse_paths
-from nemo_ctcllm.objectives.base import (
-    ConfigError,
-    Objective,
-    Stats,
-    StepContext,
-    check_choice,
-    check_int,
-    check_number,
-    register_objective,
-)
-from nemo_ctcllm.objectives.common import length_mask, transcripts
-from nemo_ctcllm.objectives.hypotheses import (
+from nemo_ctcllm.objectives.base import Objective, ObjectiveEnv, Stats, StepContext, register_objective
+from nemo_ctcllm.objectives.shared.checks import require_llm
+from nemo_ctcllm.objectives.shared.hypotheses import (
     MAX_NBEST,
-    SEARCH_DEFAULTS,
+    NBestConfig,
     SearchSettings,
     hypotheses,
     llm_log_likelihood,
-    require_llm,
     word_errors,
 )
+from nemo_ctcllm.objectives.shared.tensors import length_mask, transcripts
 
 SOURCES = ("sample", "nbest")
 BASELINES = ("none", "batch_mean", "utterance_mean")
@@ -101,8 +93,8 @@ class LlmReward(Objective):
     tp_collective = True
 
     def __init__(self, name, weight, warmup_steps, settings: SearchSettings, source: str, num_samples: int,
-                 baseline: str, error_weight: float):
-        super().__init__(name, weight, warmup_steps)
+                 baseline: str, error_weight: float, every_n_steps: int = 1):
+        super().__init__(name, weight, warmup_steps, every_n_steps=every_n_steps)
         self.settings = settings
         self.source = source
         self.num_samples = num_samples
@@ -125,9 +117,9 @@ class LlmReward(Objective):
             return logp.masked_fill(~hyps.valid, 0.0), hyps.valid, hyps.texts, hyps.llm.to(logp)
         B, S = ctx.log_probs.shape[0], self.num_samples
         path_lp, ids, id_len = sample_paths(ctx.log_probs, ctx.encoded_len, S, self.generator)
-        tok = ctx.model.tokenizer
+        tok = ctx.env.tokenizer
         flat = [tok.ids_to_text(row[:n]) for row, n in zip(ids.tolist(), id_len.tolist())]
-        llm = llm_log_likelihood(ctx.model.llm, flat, self.settings.llm_length_normalize)
+        llm = llm_log_likelihood(ctx.env.llm(), flat, self.settings.llm_length_normalize)
         texts = [flat[b * S: (b + 1) * S] for b in range(B)]
         valid = torch.ones(B, S, dtype=torch.bool, device=path_lp.device)
         return path_lp, valid, texts, llm.view(B, S).to(path_lp)
@@ -152,20 +144,29 @@ class LlmReward(Objective):
         return loss, stats
 
 
-@register_objective(
-    "llm_reward",
-    defaults={**{k: v for k, v in SEARCH_DEFAULTS.items() if k not in ("lm_weight", "acoustic_scale")},
-              "llm_length_normalize": True, "source": "sample", "num_samples": 4, "baseline": "utterance_mean",
-              "error_weight": 0.0},
-)
-def build_llm_reward(block: DictConfig, model, key: str) -> List[Objective]:
+@dataclass
+class LlmRewardConfig(NBestConfig):
     """λ of CTC - λ·LLM is the block's ``weight``; ``nbest``/``beam_size`` apply to ``source: nbest``."""
-    settings = SearchSettings.read(block, key)
-    source = check_choice(block.source, f"{key}.source", SOURCES)
-    num = check_int(block.num_samples, f"{key}.num_samples", 1, MAX_NBEST)
-    baseline = check_choice(block.baseline, f"{key}.baseline", BASELINES)
-    if source == "sample" and baseline == "utterance_mean" and num < 2:
-        raise ConfigError(f"{key}.baseline 'utterance_mean' needs num_samples >= 2 (leave-one-out), got {num}")
-    beta = check_number(block.error_weight, f"{key}.error_weight", 0.0, 100.0)
-    require_llm(model, key)
-    return [LlmReward("llm_reward", block.weight, block.warmup_steps, settings, source, num, baseline, beta)]
+
+    llm_length_normalize: bool = True  # the reward is the LLM log-likelihood per LLM token
+    source: str = "sample"  # one of SOURCES
+    num_samples: int = 4  # S, paths drawn per utterance (source: sample)
+    baseline: str = "utterance_mean"  # one of BASELINES
+    error_weight: float = 0.0  # β of the word-error term of the reward
+
+    def check(self, key: str, env: ObjectiveEnv) -> None:
+        super().check(key, env)
+        source = check_choice(self.source, f"{key}.source", SOURCES)
+        num = check_int(self.num_samples, f"{key}.num_samples", 1, MAX_NBEST)
+        baseline = check_choice(self.baseline, f"{key}.baseline", BASELINES)
+        if source == "sample" and baseline == "utterance_mean" and num < 2:
+            raise ConfigError(f"{key}.baseline 'utterance_mean' needs num_samples >= 2 (leave-one-out), got {num}")
+        check_number(self.error_weight, f"{key}.error_weight", 0.0, 100.0)
+
+
+@register_objective("llm_reward", LlmRewardConfig)
+def build_llm_reward(cfg: LlmRewardConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
+    require_llm(env, key)
+    return [LlmReward("llm_reward", settings=SearchSettings.read(cfg, key), source=cfg.source,
+                      num_samples=cfg.num_samples, baseline=cfg.baseline, error_weight=float(cfg.error_weight),
+                      **cfg.schedule())]

@@ -1,7 +1,7 @@
 """``mlm``: a masked language model reads the soft CTC transcription and predicts its masked tokens.
 
 The greedy hypothesis of the final CTC head (or of the interctc head at ``head_block``) goes through the bridge
-(:mod:`nemo_ctcllm.objectives.bridge`) into the *MLM's* input space: soft token distributions q_n over the ASR
+(:mod:`nemo_ctcllm.objectives.shared.bridge`) into the *MLM's* input space: soft token distributions q_n over the ASR
 pieces and embeddings e_n = q_n M_mlm (M_mlm built from the MLM's tokenizer and input embedding table). A random
 fraction ``mask_prob`` of the N positions (at least one per non-empty hypothesis) is replaced by the MLM's
 ``[MASK]`` embedding; the MLM reads ``[CLS] ẽ_1 .. ẽ_N [SEP]`` through ``inputs_embeds`` and predicts each
@@ -49,27 +49,16 @@ positions are truncated.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from nemo_ctcllm.objectives.base import (
-    ConfigError,
-    Objective,
-    Stats,
-    StepContext,
-    check_number,
-    register_objective,
-)
-from nemo_ctcllm.objectives.bridge import (
-    BRIDGE_DEFAULTS,
-    PieceMap,
-    SoftHypothesis,
-    SoftText,
-    check_bridge_keys,
-)
+from nemo_ctcllm.config import ConfigError, check_bool, check_number
+from nemo_ctcllm.objectives.base import Objective, ObjectiveEnv, Stats, StepContext, register_objective
+from nemo_ctcllm.objectives.shared.bridge import BridgeConfig, PieceMap, SoftHypothesis, SoftText
 
 
 def load_mlm(model_dir: str):
@@ -145,8 +134,9 @@ class MaskedLMObjective(Objective):
     """KL(CTC posteriors || MLM prediction) at masked positions of the soft CTC transcription (module docstring)."""
 
     def __init__(self, name, weight, warmup_steps, reader: SoftHypothesis, model_dir: str, mask_prob: float,
-                 finetune: bool):
-        super().__init__(name, weight, warmup_steps, capture_blocks=[reader.head_block] if reader.head_block else [])
+                 finetune: bool, every_n_steps: int = 1):
+        super().__init__(name, weight, warmup_steps, capture_blocks=[reader.head_block] if reader.head_block else [],
+                         every_n_steps=every_n_steps)
         self.reader, self.model_dir, self.mask_prob, self.finetune = reader, model_dir, mask_prob, finetune
         self.mlm_tokenizer = None
         if finetune:
@@ -177,15 +167,22 @@ class MaskedLMObjective(Objective):
         return loss, {"acc": acc, "masked": mask.sum().float().detach()}
 
 
-@register_objective("mlm", defaults={**BRIDGE_DEFAULTS, "model_dir": None, "mask_prob": 0.15, "finetune": False})
-def build_mlm(block: DictConfig, model, key: str) -> List[Objective]:
-    head = check_bridge_keys(block, model, key)
-    if not isinstance(block.model_dir, str) or not os.path.isfile(os.path.join(block.model_dir, "config.json")):
-        raise ConfigError(f"{key}.model_dir must be a local Hugging Face AutoModelForMaskedLM folder (with "
-                          f"config.json), e.g. the one scripts/train_mlm.py writes; got {block.model_dir!r}")
-    mask_prob = check_number(block.mask_prob, f"{key}.mask_prob", 0.0, 1.0, low_open=True)
-    if not isinstance(block.finetune, bool):
-        raise ConfigError(f"{key}.finetune must be true or false, got {block.finetune!r}")
-    reader = SoftHypothesis(head, block.estimator, float(block.gumbel_tau), block.gumbel_hard)
-    return [MaskedLMObjective("mlm", block.weight, block.warmup_steps, reader, block.model_dir, mask_prob,
-                              block.finetune)]
+@dataclass
+class MaskedLMConfig(BridgeConfig):
+    model_dir: Optional[str] = None  # a local Hugging Face AutoModelForMaskedLM folder
+    mask_prob: float = 0.15  # fraction of the hypothesis' positions masked (at least one)
+    finetune: bool = False  # train the MLM too (its input embeddings stay frozen)
+
+    def check(self, key: str, env: ObjectiveEnv) -> None:
+        super().check(key, env)
+        if not isinstance(self.model_dir, str) or not os.path.isfile(os.path.join(self.model_dir, "config.json")):
+            raise ConfigError(f"{key}.model_dir must be a local Hugging Face AutoModelForMaskedLM folder (with "
+                              f"config.json), e.g. the one scripts/train_mlm.py writes; got {self.model_dir!r}")
+        check_number(self.mask_prob, f"{key}.mask_prob", 0.0, 1.0, low_open=True)
+        check_bool(self.finetune, f"{key}.finetune")
+
+
+@register_objective("mlm", MaskedLMConfig)
+def build_mlm(cfg: MaskedLMConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
+    return [MaskedLMObjective("mlm", reader=cfg.reader(), model_dir=cfg.model_dir, mask_prob=float(cfg.mask_prob),
+                              finetune=cfg.finetune, **cfg.schedule())]

@@ -4,8 +4,8 @@ Two views of one utterance that keep frame alignment:
 
 * view A is the model's own training forward, ``ctx.encoded`` [B, D, T] (SpecAugment'ed by the model when
   it trains);
-* view B is a second pass: ``model.preprocessor`` on ``ctx.signal`` (plus Gaussian noise at ``noise_snr_db``
-  when set), then this block's own ``SpectrogramAugmentation`` (its own mask settings, so the views differ),
+* view B is a second pass: the model's preprocessor (``ctx.env.preprocessor``) on ``ctx.signal`` (plus Gaussian
+  noise at ``noise_snr_db`` when set), then this block's own ``SpectrogramAugmentation`` (its own mask settings, so the views differ),
   then the encoder.
 
 Time/frequency masks and additive noise move no frame, so frame t of view A and frame t of view B are a
@@ -33,7 +33,8 @@ shows what they do to WER.
 
 ``mode: byol`` (Grill et al. 2020). Online = model.encoder + projector g + predictor q; target = an EMA copy
 of encoder + projector (xi <- d * xi + (1 - d) * theta, d = ``ema_decay``, once per optimizer step at the
-start of the first training forward of that step; buffers such as BatchNorm statistics are copied). The
+start of the first training batch of that step, by the :meth:`Objective.before_training_step` hook; buffers
+such as BatchNorm statistics are copied). The
 target has ``requires_grad=False``, runs under ``no_grad``, never enters the optimizer and is dropped at
 export with the rest of the objective. With p = q(g(online(view))) / ||.|| and z' = g'(target(view)) / ||.||
 on every valid frame:
@@ -42,13 +43,13 @@ on every valid frame:
     L = ( l(p_A, z'_B) + l(p_B, z'_A') ) / 2
 
 A' is a fresh draw of view A's augmentation (the model's own SpecAugment on the un-noised features): the
-masks drawn inside ``model.encode`` are not exposed in the StepContext, so the target cannot see view A
+masks drawn inside the model's forward are not exposed in the StepContext, so the target cannot see view A
 exactly; with ``model.spec_augment: null`` A' is A. Nothing in BYOL's loss forbids collapse by itself; here
 the CTC terms anchor the same encoder, which keeps it from collapsing (and l is then a consistency term).
 
-The target is a deep copy of ``model.encoder`` with every forward hook removed (the copy would otherwise
-run the online model's self-conditioning hooks, which close over the online heads), and every extra encoder
-pass (online view B and target) runs with the model's AccessMixin capture switched off, so no tensor is
+The target is a deep copy of the model's encoder (``env.encoder``) with every forward hook removed (the copy
+would otherwise run the online model's self-conditioning hooks, which close over the online heads), and every
+extra encoder pass (online view B and target) runs with the model's AccessMixin capture switched off, so no tensor is
 registered into the InterCTC capture registry and no self-conditioning stash is overwritten (the copy shares
 the model's ``model_guid`` because ``propagate_model_guid`` walks every submodule). With self-conditioning on,
 the target therefore is the encoder without the conditioning.
@@ -61,32 +62,25 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from nemo.collections.asr.modules import SpectrogramAugmentation
 from nemo.core.classes.mixins import AccessMixin
-from omegaconf import DictConfig
 
-from nemo_ctcllm.objectives.base import (
-    Objective,
-    StepContext,
-    Stats,
-    check_choice,
-    check_int,
-    check_number,
-    register_objective,
-)
-from nemo_ctcllm.objectives.common import length_mask, masked_mean
+from nemo_ctcllm.config import check_choice, check_int, check_number
+from nemo_ctcllm.objectives.base import Objective, ObjectiveConfig, ObjectiveEnv, StepContext, Stats, register_objective
+from nemo_ctcllm.objectives.shared.tensors import length_mask, masked_mean
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
 @contextmanager
-def access_disabled(model) -> Iterator[None]:
-    """Run extra encoder passes with the model's AccessMixin capture off (restored afterwards): nothing is
-    registered into the InterCTC capture registry and self-conditioning hooks stash nothing."""
-    guid = getattr(model, "model_guid", None)
+def access_disabled(guid: str) -> Iterator[None]:
+    """Run extra encoder passes with the model's AccessMixin capture (``env.model_guid``) off, restored
+    afterwards: nothing is registered into the InterCTC capture registry and self-conditioning hooks stash
+    nothing."""
     was_enabled = AccessMixin.is_access_enabled(guid)
     AccessMixin.set_access_enabled(access_enabled=False, guid=guid)
     try:
@@ -191,8 +185,9 @@ def add_noise(signal: torch.Tensor, lengths: torch.Tensor, snr_db: float) -> tor
 class TokenContrastive(Objective):
     """SimCLR or BYOL between frame-aligned views of each utterance (see the module docstring)."""
 
-    def __init__(self, name: str, weight: float, warmup_steps: int, width: int, block: DictConfig):
-        super().__init__(name, weight, warmup_steps)
+    def __init__(self, name: str, weight: float, warmup_steps: int, width: int, block: "TokenContrastiveConfig",
+                 every_n_steps: int = 1):
+        super().__init__(name, weight, warmup_steps, every_n_steps=every_n_steps)
         self.mode = block.mode
         self.temperature = float(block.temperature)
         self.frames_per_utt = int(block.frames_per_utt)
@@ -208,15 +203,15 @@ class TokenContrastive(Objective):
             )
         if self.mode == "byol":
             self.predictor = mlp(block.proj_dim, width, block.proj_dim)
-            self.target_encoder: Optional[torch.nn.Module] = None  # set by attach_target (needs the model)
+            self.target_encoder: Optional[torch.nn.Module] = None  # set by attach_target (needs the encoder)
             self.target_projector = frozen_copy(self.projector)
             # False until the first training forward copies the online weights (after init_from_nemo_model etc.)
             self.register_buffer("target_ready", torch.zeros((), dtype=torch.bool))
             self._ema_step: Optional[int] = None
 
-    def attach_target(self, model) -> None:
-        """BYOL: the EMA target encoder, a hook-free frozen copy of ``model.encoder``."""
-        self.target_encoder = frozen_copy(model.encoder)
+    def attach_target(self, encoder: torch.nn.Module) -> None:
+        """BYOL: the EMA target encoder, a hook-free frozen copy of the model's encoder."""
+        self.target_encoder = frozen_copy(encoder)
 
     # ------------------------------------------------------------------ pieces (also used by the tests)
     def project_frames(self, frames: torch.Tensor) -> torch.Tensor:
@@ -232,7 +227,7 @@ class TokenContrastive(Objective):
         signal = ctx.signal  # [B, S]
         if noisy and self.training and self.noise_snr_db is not None:
             signal = add_noise(signal, ctx.signal_len, self.noise_snr_db)
-        return ctx.model.preprocessor(input_signal=signal, length=ctx.signal_len)
+        return ctx.env.preprocessor(input_signal=signal, length=ctx.signal_len)
 
     def view_b_features(self, ctx: StepContext) -> Tuple[torch.Tensor, torch.Tensor]:
         """View B's encoder input [B, F, T']: noise + this block's own SpecAugment (training only)."""
@@ -242,9 +237,10 @@ class TokenContrastive(Objective):
         return feats, feats_len
 
     @staticmethod
-    def run_encoder(model, encoder: torch.nn.Module, feats: torch.Tensor, feats_len: torch.Tensor) -> torch.Tensor:
+    def run_encoder(env: ObjectiveEnv, encoder: torch.nn.Module, feats: torch.Tensor, feats_len: torch.Tensor
+                    ) -> torch.Tensor:
         """An extra encoder pass with the model's capture off: feats [B, F, T'] -> encoded [B, D, T]."""
-        with access_disabled(model):
+        with access_disabled(env.model_guid):
             encoded, _ = encoder(audio_signal=feats, length=feats_len)
         return encoded
 
@@ -256,7 +252,7 @@ class TokenContrastive(Objective):
         if not self.training:
             return ctx.encoded, None
         feats, feats_len = self.view_b_features(ctx)
-        encoded = self.run_encoder(ctx.model, ctx.model.encoder, feats, feats_len)
+        encoded = self.run_encoder(ctx.env, ctx.env.encoder, feats, feats_len)
         if encoded.shape != ctx.encoded.shape:
             raise RuntimeError(
                 f"view B {tuple(encoded.shape)} is not frame-aligned with view A {tuple(ctx.encoded.shape)}"
@@ -264,11 +260,17 @@ class TokenContrastive(Objective):
         return encoded, (feats, feats_len)
 
     # ------------------------------------------------------------------ BYOL target
+    def before_training_step(self, env: ObjectiveEnv, optimizer_updates: int) -> None:
+        """BYOL: one EMA update per applied optimizer step (steps skipped for a non-finite loss don't count)."""
+        if self.mode == "byol" and optimizer_updates != self._ema_step:
+            self.ema_update(env.encoder)
+            self._ema_step = optimizer_updates
+
     @torch.no_grad()
-    def ema_update(self, model) -> None:
+    def ema_update(self, encoder: torch.nn.Module) -> None:
         """xi <- d * xi + (1 - d) * theta for encoder + projector (d = 0 the first time); buffers copied."""
         decay = self.ema_decay if bool(self.target_ready) else 0.0
-        for target, online in ((self.target_encoder, model.encoder), (self.target_projector, self.projector)):
+        for target, online in ((self.target_encoder, encoder), (self.target_projector, self.projector)):
             for (nt, pt), (no, po) in zip(target.named_parameters(), online.named_parameters(), strict=True):
                 assert nt == no, (nt, no)
                 pt.lerp_(po.detach(), 1.0 - decay)
@@ -278,9 +280,9 @@ class TokenContrastive(Objective):
         self.target_ready.fill_(True)
 
     @torch.no_grad()
-    def target_embed(self, model, feats: torch.Tensor, feats_len: torch.Tensor) -> torch.Tensor:
+    def target_embed(self, env: ObjectiveEnv, feats: torch.Tensor, feats_len: torch.Tensor) -> torch.Tensor:
         """Target branch: feats [B, F, T'] -> unit-norm z' [B, T, P], no gradient."""
-        encoded = self.run_encoder(model, self.target_encoder, feats, feats_len)  # [B, D, T]
+        encoded = self.run_encoder(env, self.target_encoder, feats, feats_len)  # [B, D, T]
         return F.normalize(self.target_projector(encoded.transpose(1, 2)), dim=-1)
 
     def online_predict(self, encoded: torch.Tensor) -> torch.Tensor:
@@ -289,7 +291,7 @@ class TokenContrastive(Objective):
 
     # ------------------------------------------------------------------ losses
     def simclr(self, ctx: StepContext, enc_b: torch.Tensor) -> Tuple[torch.Tensor, Stats]:
-        generator = torch.Generator().manual_seed(int(ctx.model.global_step))
+        generator = torch.Generator().manual_seed(int(ctx.step))
         idx, keep = frame_index(ctx.encoded_len, ctx.encoded.shape[2], self.frames_per_utt, generator)  # [B, K]
         za = self.project_frames(gather_frames(ctx.encoded.transpose(1, 2), idx, keep))  # [N, P]
         zb = self.project_frames(gather_frames(enc_b.transpose(1, 2), idx, keep))  # [N, P]
@@ -301,22 +303,18 @@ class TokenContrastive(Objective):
         return loss, {"acc": acc, "frames": torch.tensor(float(za.shape[0]))}
 
     def byol(self, ctx: StepContext, enc_b: torch.Tensor, input_b) -> Tuple[torch.Tensor, Stats]:
-        model = ctx.model
-        updates = model.optimizer_updates  # steps skipped for a non-finite loss don't count
-        if self.training and updates != self._ema_step:  # once per applied optimizer step
-            self.ema_update(model)
-            self._ema_step = updates
+        env = ctx.env
         valid = length_mask(ctx.encoded_len, ctx.encoded.shape[2])  # [B, T]
         p_a = self.online_predict(ctx.encoded)  # [B, T, P]
         p_b = self.online_predict(enc_b)  # [B, T, P]
         clean, clean_len = self.features(ctx, noisy=False)  # [B, F, T'], [B]
         if input_b is None:  # eval: both views are the clean input
-            z_b = z_a = self.target_embed(model, clean, clean_len)  # [B, T, P]
+            z_b = z_a = self.target_embed(env, clean, clean_len)  # [B, T, P]
         else:
-            z_b = self.target_embed(model, *input_b)  # the very input the online view-B pass saw
-            if model.spec_augmentation is not None:  # A': the model's own augmentation, fresh masks
-                clean = model.spec_augmentation(input_spec=clean, length=clean_len)
-            z_a = self.target_embed(model, clean, clean_len)  # [B, T, P]
+            z_b = self.target_embed(env, *input_b)  # the very input the online view-B pass saw
+            if env.spec_augment is not None:  # A': the model's own augmentation, fresh masks
+                clean = env.spec_augment(input_spec=clean, length=clean_len)
+            z_a = self.target_embed(env, clean, clean_len)  # [B, T, P]
         cos_ab = (p_a * z_b).sum(-1)  # [B, T]
         cos_ba = (p_b * z_a).sum(-1)  # [B, T]
         cos = 0.5 * (masked_mean(cos_ab, valid, dim=(0, 1)) + masked_mean(cos_ba, valid, dim=(0, 1)))
@@ -328,49 +326,46 @@ class TokenContrastive(Objective):
 
 
 # ---------------------------------------------------------------------------------------------- config
-DEFAULTS = {
-    "mode": "simclr",
-    "proj_dim": 128,
-    "temperature": 0.1,
-    "frames_per_utt": 32,
-    "negatives": "cross_view",
-    "exclude_window": 0,
-    "ema_decay": 0.99,
-    "noise_snr_db": None,
-    "freq_masks": 2,
-    "time_masks": 2,
-    "freq_width": 15,
-    "time_width": 0.05,
-}
+@dataclass
+class TokenContrastiveConfig(ObjectiveConfig):
+    mode: str = "simclr"  # simclr or byol
+    proj_dim: int = 128  # projection width P
+    temperature: float = 0.1  # SimCLR's tau
+    frames_per_utt: int = 32  # SimCLR: frames sampled per utterance
+    negatives: str = "cross_view"  # SimCLR: one of NEGATIVES
+    exclude_window: int = 0  # SimCLR: frames this close to the anchor (same utterance) are not negatives
+    ema_decay: float = 0.99  # BYOL: d of the EMA target
+    noise_snr_db: Optional[float] = None  # view B: Gaussian noise at this SNR (null: none)
+    freq_masks: int = 2  # view B's own SpecAugment
+    time_masks: int = 2
+    freq_width: int = 15
+    time_width: Union[int, float] = 0.05  # a float is a fraction of the utterance, an integer a number of frames
+
+    def check(self, key: str, env: ObjectiveEnv) -> None:
+        """Every key; the error names the full key and the allowed values."""
+        super().check(key, env)
+        check_choice(self.mode, f"{key}.mode", ("simclr", "byol"))
+        check_int(self.proj_dim, f"{key}.proj_dim", 1)
+        check_number(self.temperature, f"{key}.temperature", 0.0, 100.0, low_open=True)
+        check_int(self.frames_per_utt, f"{key}.frames_per_utt", 1)
+        check_choice(self.negatives, f"{key}.negatives", NEGATIVES)
+        check_int(self.exclude_window, f"{key}.exclude_window", 0)
+        check_number(self.ema_decay, f"{key}.ema_decay", 0.0, 1.0, high_open=True)
+        if self.noise_snr_db is not None:
+            check_number(self.noise_snr_db, f"{key}.noise_snr_db (null = no noise)", -50.0, 100.0)
+        check_int(self.freq_masks, f"{key}.freq_masks", 0)
+        check_int(self.time_masks, f"{key}.time_masks", 0)
+        check_int(self.freq_width, f"{key}.freq_width", 0, env.n_features)
+        tw = self.time_width
+        if isinstance(tw, float):
+            check_number(tw, f"{key}.time_width (a float is a fraction of the utterance)", 0.0, 1.0)
+        else:
+            check_int(tw, f"{key}.time_width (an integer is a number of frames; or a float fraction in [0, 1])", 0)
 
 
-def check_block(block: DictConfig, model, key: str) -> None:
-    """Validate every key of the block; the error names the full key and the allowed values."""
-    check_choice(block.mode, f"{key}.mode", ("simclr", "byol"))
-    check_int(block.proj_dim, f"{key}.proj_dim", 1)
-    check_number(block.temperature, f"{key}.temperature", 0.0, 100.0, low_open=True)
-    check_int(block.frames_per_utt, f"{key}.frames_per_utt", 1)
-    check_choice(block.negatives, f"{key}.negatives", NEGATIVES)
-    check_int(block.exclude_window, f"{key}.exclude_window", 0)
-    check_number(block.ema_decay, f"{key}.ema_decay", 0.0, 1.0, high_open=True)
-    if block.noise_snr_db is not None:
-        check_number(block.noise_snr_db, f"{key}.noise_snr_db (null = no noise)", -50.0, 100.0)
-    check_int(block.freq_masks, f"{key}.freq_masks", 0)
-    check_int(block.time_masks, f"{key}.time_masks", 0)
-    n_features = model.cfg.preprocessor.get("features", None)
-    check_int(block.freq_width, f"{key}.freq_width", 0, n_features)
-    tw = block.time_width
-    if isinstance(tw, float):
-        check_number(tw, f"{key}.time_width (a float is a fraction of the utterance)", 0.0, 1.0)
-    else:
-        check_int(tw, f"{key}.time_width (an integer is a number of frames; or a float fraction in [0, 1])", 0)
-
-
-@register_objective("token_contrastive", defaults=DEFAULTS)
-def build_token_contrastive(block: DictConfig, model, key: str) -> List[Objective]:
-    check_block(block, model, key)
-    width = model.decoder._feat_in  # encoder output width (d_model or its out_proj)
-    term = TokenContrastive("token_contrastive", block.weight, block.warmup_steps, width, block)
+@register_objective("token_contrastive", TokenContrastiveConfig)
+def build_token_contrastive(cfg: TokenContrastiveConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
+    term = TokenContrastive("token_contrastive", width=env.encoded_width, block=cfg, **cfg.schedule())
     if term.mode == "byol":
-        term.attach_target(model)
+        term.attach_target(env.encoder)
     return [term]

@@ -18,31 +18,39 @@ same settings (``StepContext.cache``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from kaldialign import edit_distance
 from torch import Tensor
 
+from nemo_ctcllm.config import check_bool, check_int, check_number
 from nemo_ctcllm.decoding.llm_rerank import llm_log_likelihood
 from nemo_ctcllm.decoding.nbest import ctc_prefix_beam_search, sequence_log_probs
-from nemo_ctcllm.objectives.base import (
-    ConfigError,
-    StepContext,
-    check_bool,
-    check_int,
-    check_number,
-)
+from nemo_ctcllm.objectives.base import ObjectiveConfig, ObjectiveEnv, StepContext
 
 MAX_NBEST = 64
-# Keys of the N-best + LLM scoring step, shared by the hypothesis-side objectives' YAML blocks.
-SEARCH_DEFAULTS = {
-    "nbest": 8,                    # hypotheses per utterance
-    "beam_size": None,             # prefix beam width (>= nbest); null = nbest
-    "lm_weight": 0.5,              # λ in s = κ·a + λ·l
-    "acoustic_scale": 1.0,         # κ
-    "llm_length_normalize": False,  # l per LLM token instead of summed
-}
+
+
+@dataclass
+class NBestConfig(ObjectiveConfig):
+    """Keys of the N-best search and its LLM scores, shared by the hypothesis-side objectives' blocks."""
+
+    nbest: int = 8  # hypotheses per utterance
+    beam_size: Optional[int] = None  # prefix beam width (>= nbest); null = nbest
+    llm_length_normalize: bool = False  # l per LLM token instead of summed
+
+    def check(self, key: str, env: ObjectiveEnv) -> None:
+        super().check(key, env)
+        SearchSettings.read(self, key)
+
+
+@dataclass
+class SearchConfig(NBestConfig):
+    """:class:`NBestConfig` plus the weights of the combined score s = κ·a + λ·l."""
+
+    lm_weight: float = 0.5  # λ
+    acoustic_scale: float = 1.0  # κ
 
 
 @dataclass(frozen=True)
@@ -56,27 +64,19 @@ class SearchSettings:
     @classmethod
     def read(cls, block, key: str) -> "SearchSettings":
         """Validate a block's search keys (a block without ``lm_weight``/``acoustic_scale`` gets 0 / 1)."""
+        lm_weight, acoustic_scale = getattr(block, "lm_weight", 0.0), getattr(block, "acoustic_scale", 1.0)
         nbest = check_int(block.nbest, f"{key}.nbest", 1, MAX_NBEST)
         beam = block.beam_size
         beam = nbest if beam is None else check_int(beam, f"{key}.beam_size", nbest, 4 * MAX_NBEST)
         return cls(
             nbest=nbest,
             beam_size=beam,
-            lm_weight=check_number(block.get("lm_weight", 0.0), f"{key}.lm_weight", 0.0, 100.0),
-            acoustic_scale=check_number(block.get("acoustic_scale", 1.0), f"{key}.acoustic_scale", 0.0, 100.0,
-                                        low_open=True),
+            lm_weight=check_number(lm_weight, f"{key}.lm_weight", 0.0, 100.0),
+            acoustic_scale=check_number(acoustic_scale, f"{key}.acoustic_scale", 0.0, 100.0, low_open=True),
             llm_length_normalize=check_bool(block.llm_length_normalize, f"{key}.llm_length_normalize"),
         )
 
 
-def require_llm(model, key: str) -> None:
-    """A hypothesis-side objective needs ``model.llm.checkpoint`` (checked at construction, loaded lazily)."""
-    llm = model.cfg.get("llm")
-    if llm is None or not llm.get("checkpoint"):
-        raise ConfigError(
-            f"{key} scores hypotheses with the LLM, but model.llm.checkpoint is not set: point it to a local "
-            "Hugging Face LLaMA folder (scripts/prepare_llm.py prepares the demo's SmolLM2)"
-        )
 
 
 @dataclass
@@ -109,13 +109,13 @@ def hypotheses(ctx: StepContext, s: SearchSettings) -> Hypotheses:
         B = lp.shape[0]
         nb = ctc_prefix_beam_search(lp.detach(), lengths, s.beam_size, s.nbest)  # ids [B, N, L]
         valid = nb.valid  # [B, N]
-        tok = ctx.model.tokenizer
+        tok = ctx.env.tokenizer
         ids, lens = nb.ids.tolist(), nb.lengths.tolist()
         texts = [[tok.ids_to_text(ids[b][n][: lens[b][n]]) if valid[b, n] else "" for n in range(s.nbest)]
                  for b in range(B)]
         acoustic = sequence_log_probs(lp, lengths, nb.ids, nb.lengths) if B else lp.new_zeros(0, s.nbest)
         acoustic = torch.where(valid, acoustic, 0.0)  # [B, N]
-        llm = llm_log_likelihood(ctx.model.llm, [t for row in texts for t in row], s.llm_length_normalize)
+        llm = llm_log_likelihood(ctx.env.llm(), [t for row in texts for t in row], s.llm_length_normalize)
         llm = llm.view(B, s.nbest).to(lp.device).masked_fill(~valid, 0.0)  # [B, N]
         ctx.cache[key] = Hypotheses(nb.ids, nb.lengths, valid, texts, acoustic, llm)
     return ctx.cache[key]
@@ -127,3 +127,9 @@ def word_errors(hyp_texts: Sequence[Sequence[str]], refs: Sequence[str]) -> Tupl
     errors = torch.tensor([[float(edit_distance(r.split(), h.split())["total"]) for h in row]
                            for row, r in zip(hyp_texts, refs)]).view(len(refs), n)
     return errors, torch.tensor([float(len(r.split())) for r in refs])
+
+
+def top_choices(hyps: Hypotheses, settings: SearchSettings) -> Tuple[Tensor, Tensor]:
+    """Indices [B] of the acoustic best and of the LLM-rescored best hypothesis."""
+    acoustic = hyps.acoustic.detach().masked_fill(~hyps.valid, float("-inf"))
+    return acoustic.argmax(1), hyps.combined(settings).detach().argmax(1)

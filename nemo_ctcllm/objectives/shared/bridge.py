@@ -1,6 +1,6 @@
 """The differentiable ASR-to-LM bridge: CTC posteriors -> soft token embeddings in a language model's input space.
 
-Shared by ``llm_lm_loss``, ``mlm`` and ``lang_contrastive``. Text decoded by argmax carries no gradient; the
+Used by ``llm_lm_loss``, ``mlm`` and ``lang_contrastive``. Text decoded by argmax carries no gradient; the
 bridge keeps the *segmentation* of the greedy decode (a discrete choice, made without grad) and makes the
 *content* of every emitted token a differentiable function of the posteriors.
 
@@ -58,6 +58,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from nemo_ctcllm.config import ConfigError, check_bool, check_choice, check_number
+from nemo_ctcllm.objectives.base import ObjectiveConfig, ObjectiveEnv, StepContext
 
 ESTIMATORS = ("expected", "straight_through", "gumbel")
 WORD_BOUNDARY = "\u2581"  # SentencePiece's word-boundary mark
@@ -211,43 +214,29 @@ def bridge(log_probs: Tensor, lengths: Tensor, pmap: PieceMap, estimator: str = 
 
 
 # ---------------------------------------------------------------------------------------------- used by the objectives
-BRIDGE_DEFAULTS = {"estimator": "expected", "gumbel_tau": 1.0, "gumbel_hard": False, "head_block": None}
+@dataclass
+class BridgeConfig(ObjectiveConfig):
+    """The bridge keys of an objective block (``llm_lm_loss``, ``mlm``, ``lang_contrastive``)."""
 
+    estimator: str = "expected"  # one of ESTIMATORS
+    gumbel_tau: float = 1.0  # temperature of ``gumbel``
+    gumbel_hard: bool = False  # ``gumbel``: straight-through one-hot forward
+    head_block: Optional[int] = None  # null: the final CTC head; k: the interctc head at block k
 
-def check_bridge_keys(block, model, key: str) -> Optional[int]:
-    """Validate the bridge keys of an objective block; returns the head block (None = the final head).
+    def check(self, key: str, env: ObjectiveEnv) -> None:
+        """``head_block: k`` reads the CTC hypothesis of the intermediate head at block k, which must be one of
+        ``model.objectives.interctc.blocks`` (the head is trained by interctc, the objective only reads it)."""
+        super().check(key, env)
+        check_choice(self.estimator, f"{key}.estimator", ESTIMATORS)
+        check_number(self.gumbel_tau, f"{key}.gumbel_tau", 0.0, 100.0, low_open=True)
+        check_bool(self.gumbel_hard, f"{key}.gumbel_hard")
+        k, blocks = self.head_block, list(env.interctc_blocks)
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k not in blocks):
+            raise ConfigError(f"{key}.head_block must be null (the final CTC head) or one of the interctc blocks "
+                              f"{blocks} (model.objectives.interctc.blocks), got {k!r}")
 
-    ``head_block: k`` reads the CTC hypothesis of the intermediate head at block k, which must be one of
-    ``model.objectives.interctc.blocks`` (the head is trained by interctc, the objective only reads it).
-    """
-    from nemo_ctcllm.objectives.base import ConfigError, check_choice, check_number
-
-    check_choice(block.estimator, f"{key}.estimator", ESTIMATORS)
-    check_number(block.gumbel_tau, f"{key}.gumbel_tau", 0.0, 100.0, low_open=True)
-    if not isinstance(block.gumbel_hard, bool):
-        raise ConfigError(f"{key}.gumbel_hard must be true or false, got {block.gumbel_hard!r}")
-    k = block.head_block
-    if k is None:
-        return None
-    inter = (model.cfg.get("objectives") or {}).get("interctc")
-    blocks = list(inter.get("blocks", [])) if inter is not None and inter.get("enabled", True) else []
-    if isinstance(k, bool) or not isinstance(k, int) or k not in blocks:
-        raise ConfigError(f"{key}.head_block must be null (the final CTC head) or one of the interctc blocks "
-                          f"{blocks} (model.objectives.interctc.blocks), got {k!r}")
-    return k
-
-
-def head_log_probs(ctx, block: Optional[int]) -> Tuple[Tensor, Tensor]:
-    """(log-probs [B, T, V+1], lengths [B]) of the final CTC head (block None) or the interctc head at ``block``
-    (computed by that head's own module from the captured block output, or taken from self-conditioning)."""
-    if block is None:
-        return ctx.log_probs, ctx.encoded_len
-    output, length = ctx.layers[block]  # [B, D, T], [B]
-    stashed = ctx.selfcond_log_probs.get(block)
-    if stashed is not None:
-        return stashed, length
-    term = next(t for t in ctx.model.objectives.values() if getattr(t, "block", None) == block and hasattr(t, "head"))
-    return term.head(ctx.model, output), length
+    def reader(self) -> "SoftHypothesis":
+        return SoftHypothesis(self.head_block, self.estimator, float(self.gumbel_tau), self.gumbel_hard)
 
 
 class SoftHypothesis:
@@ -262,13 +251,14 @@ class SoftHypothesis:
         self.head_block, self.estimator, self.tau, self.hard = head_block, estimator, tau, hard
         self.pmap: Optional[PieceMap] = None
 
-    def __call__(self, ctx, lm_tokenizer, embed: Callable[[Tensor], Tensor], training: bool = True) -> SoftText:
+    def __call__(self, ctx: StepContext, lm_tokenizer, embed: Callable[[Tensor], Tensor],
+                 training: bool = True) -> SoftText:
         """The soft hypothesis of ``ctx``. Out of training (validation) ``gumbel`` draws no noise: it becomes
         ``expected`` (``straight_through`` with ``gumbel_hard``), so that validation losses are deterministic."""
         if self.pmap is None:
-            pieces, special = asr_pieces(ctx.model.tokenizer)
+            pieces, special = asr_pieces(ctx.env.tokenizer)
             self.pmap = PieceMap.build(pieces, special, lm_tokenizer, embed)
-        log_probs, lengths = head_log_probs(ctx, self.head_block)  # [B, T, V+1], [B]
+        log_probs, lengths = ctx.head_log_probs(self.head_block)  # [B, T, V+1], [B]
         if self.pmap.matrix.device != log_probs.device:  # once, not every step
             self.pmap = self.pmap.to(log_probs.device)
         estimator = self.estimator

@@ -1,0 +1,61 @@
+"""Each objective's block is declared once (a dataclass in its module); the recipe's YAML blocks agree with those
+declarations except where this file says why."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from nemo_ctcllm.objectives import registered_objectives
+from nemo_ctcllm.objectives.base import ObjectiveConfig, objective_schema
+
+RECIPE = Path(__file__).resolve().parents[1] / "conf" / "conformer_ctc_llm.yaml"
+
+# (objective, key) -> why the recipe's value differs from the declared default. `enabled: false` (every optional
+# objective is off in the recipe, on by writing its block) and `weight` (the recipe's loss mix; the default 1.0
+# makes a bare block a full-weight term) differ by design and are checked separately below.
+RECIPE_CHOICES = {
+    ("interctc", "blocks"): "the recipe's 18-block encoder gets heads at blocks 6 and 12; there is no default depth",
+    ("interctc", "weights"): "one weight per recipe block",
+    ("llm_prefix_clm", "blocks"): "a connector after blocks 6, 12 and 18 of the recipe's encoder",
+    ("llm_prefix_clm", "weights"): "one weight per recipe block",
+    ("llm_prefix_clm", "stack"): "8 frames per prompt vector for the recipe's 40 ms frames (the default 4 keeps "
+                                 "short utterances of small test models above one vector)",
+    ("llm_lm_loss", "instruction"): "'Repeat:' separates right from wrong hypotheses better than '' on SmolLM2 "
+                                    "(measured; the YAML comment says so); the default adds no text",
+}
+
+
+def recipe_blocks():
+    return OmegaConf.to_container(OmegaConf.load(RECIPE).model.objectives, resolve=True)
+
+
+def declared_defaults(name):
+    schema = objective_schema(name)
+    return {f.name: getattr(schema(), f.name) for f in dataclasses.fields(schema)}
+
+
+def test_every_registered_objective_has_a_recipe_block_and_a_schema():
+    assert sorted(recipe_blocks()) == registered_objectives()
+    for name in registered_objectives():
+        assert issubclass(objective_schema(name), ObjectiveConfig) and dataclasses.is_dataclass(objective_schema(name))
+
+
+@pytest.mark.parametrize("name", sorted(recipe_blocks()))
+def test_recipe_block_equals_its_declared_defaults(name):
+    block, defaults = recipe_blocks()[name], declared_defaults(name)
+    assert set(block) <= set(defaults), f"keys the schema does not declare: {set(block) - set(defaults)}"
+    differ = {k for k, v in block.items() if v != defaults[k] or type(v) is not type(defaults[k])}
+    optional = name not in ("ctc_final", "interctc")
+    assert (block.get("enabled") is False) == optional  # the two CTC terms are on, every other one off
+    assert 0.0 < block.get("weight", defaults["weight"]) <= 1.0
+    documented = {k for (n, k) in RECIPE_CHOICES if n == name}
+    assert differ - {"enabled", "weight"} == documented
+
+
+def test_recipe_lists_every_declared_key():
+    """The recipe documents every objective-specific key of every block (the common ones are described once,
+    above the blocks)."""
+    common = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    for name, block in recipe_blocks().items():
+        assert set(declared_defaults(name)) - common - set(block) == set(), name
