@@ -75,13 +75,15 @@ def check_choice(value, key: str, choices: Sequence[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- model.llm
-LLM_DEFAULTS = {"checkpoint": None, "tensor_model_parallel_size": 1, "cache_dir": None}
+# cache_dir: ignored (the host slices the safetensors files directly); accepted so older configs / .nemo files load
+LLM_DEFAULTS = {"checkpoint": None, "tensor_model_parallel_size": 1, "activation_recompute": False, "cache_dir": None}
 
 
 def read_llm_block(block) -> dict:
     """``model.llm`` merged over :data:`LLM_DEFAULTS` and validated (the one place that checks it)."""
     merged = merge_block(block, LLM_DEFAULTS, "model.llm")
     check_int(merged.tensor_model_parallel_size, "model.llm.tensor_model_parallel_size", 1)
+    check_bool(merged.activation_recompute, "model.llm.activation_recompute")
     for name in ("checkpoint", "cache_dir"):
         if merged[name] is not None:
             check_str(merged[name], f"model.llm.{name}")

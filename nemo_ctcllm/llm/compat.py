@@ -27,6 +27,10 @@ Patched places (megatron/core/...):
    ``initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)`` (its ``fork`` is a
    ``nullcontext`` and ``add`` a no-op, so ``model_parallel_cuda_manual_seed`` also works).
    This is exact for the hosted LLM: its dropout is 0, so no RNG is ever drawn in that context.
+5. ``tensor_parallel/random.py`` -- ``_get_all_rng_states`` / ``_set_all_rng_states``: the activation
+   recompute (``CheckpointFunction``, ``model.llm.activation_recompute``) saves and restores the CPU, CUDA and
+   tracker RNG states around each recomputed layer; the CUDA one fails without a GPU. Replaced by the same
+   functions without the CUDA state.
 
 Everything else that touches CUDA in megatron is avoided by configuration rather than patched:
 ``use_cpu_initialization=True`` (parameter allocation), no sequence parallel / gather_output /
@@ -67,6 +71,21 @@ def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+def _cpu_get_all_rng_states():
+    """``_get_all_rng_states`` without the CUDA generator (its slot is None)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    return torch.get_rng_state(), None, mrandom.get_cuda_rng_tracker().get_states()
+
+
+def _cpu_set_all_rng_states(cpu_rng_state, cuda_rng_state, cuda_rng_state_tracker) -> None:
+    """``_set_all_rng_states`` without the CUDA generator."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.set_rng_state(cpu_rng_state)
+    mrandom.get_cuda_rng_tracker().set_states(cuda_rng_state_tracker)
+
+
 def install_cpu_rng_tracker() -> None:
     """Make megatron's global RNG tracker the no-op inference tracker (CPU only; see item 4)."""
     from megatron.core.tensor_parallel import random as mrandom
@@ -92,12 +111,15 @@ def apply_cpu_patches() -> bool:
     from megatron.core import utils as mutils
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer import utils as tutils
 
     rotary_pos_embedding.RotaryEmbedding.get_emb = _cpu_rotary_get_emb
     mutils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
     tutils.get_default_causal_mask = _cpu_default_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
+    mrandom._get_all_rng_states = _cpu_get_all_rng_states
+    mrandom._set_all_rng_states = _cpu_set_all_rng_states
     install_cpu_rng_tracker()
     _APPLIED = True
     return True

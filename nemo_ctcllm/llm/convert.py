@@ -1,50 +1,45 @@
-"""Hugging Face LLaMA checkpoint -> megatron-core ``GPTModel`` (config, weights, TP shards, cache).
+"""Hugging Face LLaMA checkpoint -> megatron-core ``GPTModel`` (config, model, this TP rank's weights).
 
-Pipeline (all in-process, no megatron checkpoint tooling)::
+Pipeline (all in-process, no megatron checkpoint tooling, no converted copy on disk)::
 
-    read_llama_spec(dir)          config.json            -> LlamaSpec (validated)
-    load_hf_state_dict(dir)       model*.safetensors     -> HF tensors
-    hf_to_megatron(hf_sd, spec)   HF names/layout        -> full (unsharded) megatron state dict
-    shard_state_dict(full, ...)   full                   -> this TP rank's slice
-    build_gpt_model(spec, ...)    TransformerConfig + local layer spec -> GPTModel
+    read_llama_spec(dir)                 config.json        -> LlamaSpec (validated)
+    build_gpt_model(spec, ...)           TransformerConfig + explicit torch-norm spec -> empty GPTModel
+    load_tp_shard(model, dir, spec, ..)  model*.safetensors -> this rank's slices, copied into the model
 
-``load_full_state_dict`` returns the full megatron state dict from the cache written by
-``write_cache`` (``scripts/prepare_llm.py``) when present, else converts on the fly. The cache is
-``<ckpt>/.megatron_cache/megatron-<sha256(config.json + weights)[:16]>.safetensors`` (fp32, spec in
-the metadata); it is memory-mapped, so a TP rank only reads the pages of its own shard.
+Each rank reads only its own slices (``safe_open(...).get_slice``), in the checkpoint's dtype, one tensor at a
+time, and copies them straight into the parameters (dtype converted there): no full state dict, no
+concatenated copy, no cache. The re-layout HF -> megatron is a strided copy into views of the parameter, so a
+converted cache would save nothing but a memory copy per tensor.
 
 Megatron layouts used (H hidden, D head dim, nq query heads, ng query groups (=KV heads),
 F ffn size, V vocab, N tensor-parallel size):
 
 * ``linear_qkv.weight``  [ng*(nq/ng + 2)*D, H]: per query group g, the rows
   ``[q heads of group g | k_g | v_g]``. Column-parallel: rank r holds groups
-  ``r*ng/N .. (r+1)*ng/N - 1``, i.e. a contiguous chunk of dim 0.
+  ``r*ng/N .. (r+1)*ng/N - 1``, i.e. rows ``r*nq/N*D ..`` of HF ``q_proj`` and ``r*ng/N*D ..`` of
+  ``k_proj`` / ``v_proj`` (the query heads of a group are consecutive in HF).
 * ``linear_fc1.weight``  [2F, H] = ``[gate; up]``. Column-parallel with a *gated* layout: rank r
-  holds ``[gate_r; up_r]``, so gate and up are chunked separately and re-concatenated.
-* ``linear_proj.weight`` [H, nq*D] and ``linear_fc2.weight`` [H, F]: row-parallel, chunk dim 1.
-* ``embedding.word_embeddings.weight`` / ``output_layer.weight`` [V, H]: vocab-parallel, chunk
-  dim 0. V must be divisible by N: we do *not* pad the vocabulary, because zero rows in the
+  holds ``[gate_r; up_r]`` (rows ``r*F/N ..`` of HF ``gate_proj`` and of ``up_proj``).
+* ``linear_proj.weight`` [H, nq*D] and ``linear_fc2.weight`` [H, F]: row-parallel, columns ``r/N ..``.
+* ``embedding.word_embeddings.weight`` / ``output_layer.weight`` [V, H]: vocab-parallel, rows
+  ``r*V/N ..``. V must be divisible by N: we do *not* pad the vocabulary, because zero rows in the
   output layer would add exp(0) terms to the softmax of a frozen LLM and change its loss.
-* norms (``input_layernorm`` / ``pre_mlp_layernorm`` -- the local spec keeps them as separate
-  ``torch.nn.RMSNorm`` modules -- and ``decoder.final_layernorm``): replicated.
+* norms (``input_layernorm`` / ``pre_mlp_layernorm`` per layer and ``decoder.final_layernorm``): replicated,
+  and always ``torch.nn.RMSNorm`` (see :func:`build_gpt_model`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CACHE_FORMAT = 1
-CACHE_DIRNAME = ".megatron_cache"
 LLAMA_ARCHITECTURES = {"LlamaForCausalLM"}
 
 
@@ -141,10 +136,13 @@ def read_llama_spec(checkpoint_dir) -> LlamaSpec:
 
 
 def check_tp_divisibility(spec: LlamaSpec, tp_size: int) -> None:
-    """Raise a clear error when heads, query groups or vocab cannot be split over ``tp_size``."""
+    """Raise a clear error when heads, query groups, FFN size or vocab cannot be split over ``tp_size``.
+
+    Cheap (config.json only): callers run it before any process group is created or waited on."""
     values = {
         "num_attention_heads": spec.num_heads,
         "num_key_value_heads (query groups)": spec.num_query_groups,
+        "intermediate_size (ffn_hidden_size)": spec.ffn_hidden_size,
         "vocab_size": spec.vocab_size,
     }
     for name, value in values.items():
@@ -159,10 +157,16 @@ def check_tp_divisibility(spec: LlamaSpec, tp_size: int) -> None:
 # ----------------------------------------------------------------------------- model
 
 
-def transformer_config(spec: LlamaSpec, tp_size: int, params_dtype: torch.dtype, on_cpu: bool):
-    """megatron ``TransformerConfig`` with LLaMA settings, dropout 0, no fusions."""
+def transformer_config(spec: LlamaSpec, tp_size: int, params_dtype: torch.dtype, on_cpu: bool,
+                       activation_recompute: bool = False):
+    """megatron ``TransformerConfig`` with LLaMA settings, dropout 0, no fusions.
+
+    ``activation_recompute``: megatron's full recompute, one layer per checkpoint (only each layer's input is
+    kept; the layer is re-run in backward). It takes effect only while the block is in training mode, which
+    :class:`~nemo_ctcllm.llm.host.LLMHost` sets for its gradient-carrying calls."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return TransformerConfig(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -191,6 +195,7 @@ def transformer_config(spec: LlamaSpec, tp_size: int, params_dtype: torch.dtype,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **(recompute if activation_recompute else {}),
     )
 
 
@@ -208,16 +213,34 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def build_gpt_model(spec: LlamaSpec, tp_size: int, params_dtype: torch.dtype, device: torch.device):
+def torch_norm_block_spec(num_layers: int):
+    """megatron block spec: the local (megatron-core only) LLaMA layer, with every norm -- both per-layer ones
+    and the block's final one -- the plain ``torch.nn.RMSNorm`` (via megatron's ``WrappedTorchNorm``).
+
+    Given only a layer spec, megatron picks the block's final norm itself: Transformer Engine's ``TENorm``
+    when TE is installed, apex ``FusedLayerNorm`` when only apex is (which rejects RMSNorm), torch otherwise
+    (``megatron/core/transformer/transformer_block.py``, ``LayerNormImpl``). Naming it here makes the LLM the
+    same module on every image, with or without TE or apex."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = dataclasses.replace(layer, submodules=dataclasses.replace(
+        layer.submodules, input_layernorm=WrappedTorchNorm, pre_mlp_layernorm=WrappedTorchNorm))
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=WrappedTorchNorm)
+
+
+def build_gpt_model(spec: LlamaSpec, tp_size: int, params_dtype: torch.dtype, device: torch.device,
+                    activation_recompute: bool = False):
     """An (uninitialised) megatron ``GPTModel`` for ``spec``; parallel_state must be initialised."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     on_cpu = device.type == "cpu"
-    config = transformer_config(spec, tp_size, params_dtype, on_cpu=on_cpu)
+    config = transformer_config(spec, tp_size, params_dtype, on_cpu=on_cpu, activation_recompute=activation_recompute)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=torch_norm_block_spec(spec.num_layers),
         vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=True,
@@ -240,176 +263,121 @@ def build_gpt_model(spec: LlamaSpec, tp_size: int, params_dtype: torch.dtype, de
 # ----------------------------------------------------------------------------- weights
 
 
-def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise LLMCheckpointError(
-        f"no weights in {path}: expected {single} or {index} (safetensors only)"
-    )
-
-
-def load_hf_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
-    """All tensors of a HF checkpoint folder (fp32 on CPU), keyed by HF parameter name."""
-    from safetensors.torch import load_file
+def weight_files(checkpoint_dir) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (from ``model.safetensors.index.json`` or the single
+    ``model.safetensors``); every file must exist."""
+    from safetensors import safe_open
 
     path = _require_dir(checkpoint_dir)
-    sd = {}
-    for f in _weight_files(path):
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if index.is_file():
+        files = {name: path / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+    elif single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            files = dict.fromkeys(f.keys(), single)
+    else:
+        raise LLMCheckpointError(f"no weights in {path}: expected {single} or {index} (safetensors only)")
+    for f in sorted(set(files.values())):
         if not f.is_file():
             raise LLMCheckpointError(f"missing weight shard {f}")
-        sd.update({k: v.float() for k, v in load_file(str(f)).items()})
-    return sd
+    return files
 
 
-def _take(sd: dict, key: str, shape: tuple) -> torch.Tensor:
-    if key not in sd:
-        raise LLMCheckpointError(f"HF checkpoint is missing tensor {key!r}")
-    t = sd.pop(key)
-    if tuple(t.shape) != tuple(shape):
-        raise LLMCheckpointError(f"HF tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    return t
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One HF tensor's part of a megatron tensor: this rank reads its slice along ``split_dim`` (None: the
+    whole tensor, replicated) and copies it into ``place(megatron_tensor)``, a view of the right shape."""
+
+    hf_name: str
+    hf_shape: tuple[int, ...]
+    split_dim: Optional[int]
+    place: Callable[[Tensor], Tensor] = lambda t: t
 
 
-def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: LlamaSpec) -> torch.Tensor:
-    """HF q [nq*D, H], k/v [ng*D, H] -> megatron ``linear_qkv`` [ng*(nq/ng+2)*D, H] (per-group [q.., k, v])."""
-    D, ng, H = spec.head_dim, spec.num_query_groups, spec.hidden_size
-    q = q.view(ng, spec.num_heads // ng * D, H)  # [ng, heads_per_group*D, H]
-    k = k.view(ng, D, H)
-    v = v.view(ng, D, H)
-    return torch.cat([q, k, v], dim=1).reshape(-1, H)
-
-
-def hf_to_megatron(hf_sd: dict[str, torch.Tensor], spec: LlamaSpec) -> dict[str, torch.Tensor]:
-    """Rename + re-layout HF LLaMA tensors into a full (unsharded) megatron ``GPTModel`` state dict.
-
-    Every expected HF tensor is shape-checked; leftover HF tensors (other than rotary buffers and a
-    tied ``lm_head``) are an error.
-    """
-    sd = dict(hf_sd)
+def megatron_layout(spec: LlamaSpec, tp_size: int) -> dict[str, list[Piece]]:
+    """Megatron ``GPTModel`` state-dict key -> the HF pieces one TP rank copies into it (see module doc)."""
     H, D, F_ = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size
     nq, ng, V = spec.num_heads, spec.num_query_groups, spec.vocab_size
-    out = {"embedding.word_embeddings.weight": _take(sd, "model.embed_tokens.weight", (V, H))}
+    g, h, f = ng // tp_size, nq // ng, F_ // tp_size  # query groups, heads per group, FFN rows of one rank
+
+    def qkv(t: Tensor) -> Tensor:
+        return t.view(g, h + 2, D, H)  # [groups, (q heads | k | v), D, H]
+
+    layout = {"embedding.word_embeddings.weight": [Piece("model.embed_tokens.weight", (V, H), 0)]}
     for i in range(spec.num_layers):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q = _take(sd, hf + "self_attn.q_proj.weight", (nq * D, H))
-        k = _take(sd, hf + "self_attn.k_proj.weight", (ng * D, H))
-        v = _take(sd, hf + "self_attn.v_proj.weight", (ng * D, H))
-        gate = _take(sd, hf + "mlp.gate_proj.weight", (F_, H))
-        up = _take(sd, hf + "mlp.up_proj.weight", (F_, H))
-        out[mg + "input_layernorm.weight"] = _take(sd, hf + "input_layernorm.weight", (H,))
-        out[mg + "self_attention.linear_qkv.weight"] = interleave_qkv(q, k, v, spec)
-        out[mg + "self_attention.linear_proj.weight"] = _take(sd, hf + "self_attn.o_proj.weight", (H, nq * D))
-        out[mg + "pre_mlp_layernorm.weight"] = _take(sd, hf + "post_attention_layernorm.weight", (H,))
-        out[mg + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)  # [2F, H]
-        out[mg + "mlp.linear_fc2.weight"] = _take(sd, hf + "mlp.down_proj.weight", (H, F_))
-    out["decoder.final_layernorm.weight"] = _take(sd, "model.norm.weight", (H,))
-    if spec.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)  # some savers still write the tied copy
-    else:
-        out["output_layer.weight"] = _take(sd, "lm_head.weight", (V, H))
-    leftover = [k for k in sd if "rotary_emb" not in k]
-    if leftover:
-        raise LLMCheckpointError(f"unexpected tensors in HF checkpoint: {leftover[:8]}")
-    return {k: v.contiguous() for k, v in out.items()}
+        layout.update({
+            mg + "input_layernorm.weight": [Piece(hf + "input_layernorm.weight", (H,), None)],
+            mg + "self_attention.linear_qkv.weight": [
+                Piece(hf + "self_attn.q_proj.weight", (nq * D, H), 0, lambda t: qkv(t)[:, :h]),  # [g, h, D, H]
+                Piece(hf + "self_attn.k_proj.weight", (ng * D, H), 0, lambda t: qkv(t)[:, h]),  # [g, D, H]
+                Piece(hf + "self_attn.v_proj.weight", (ng * D, H), 0, lambda t: qkv(t)[:, h + 1]),  # [g, D, H]
+            ],
+            mg + "self_attention.linear_proj.weight": [Piece(hf + "self_attn.o_proj.weight", (H, nq * D), 1)],
+            mg + "pre_mlp_layernorm.weight": [Piece(hf + "post_attention_layernorm.weight", (H,), None)],
+            mg + "mlp.linear_fc1.weight": [
+                Piece(hf + "mlp.gate_proj.weight", (F_, H), 0, lambda t: t[:f]),  # [F/N, H]
+                Piece(hf + "mlp.up_proj.weight", (F_, H), 0, lambda t: t[f:]),  # [F/N, H]
+            ],
+            mg + "mlp.linear_fc2.weight": [Piece(hf + "mlp.down_proj.weight", (H, F_), 1)],
+        })
+    layout["decoder.final_layernorm.weight"] = [Piece("model.norm.weight", (H,), None)]
+    if not spec.tie_word_embeddings:
+        layout["output_layer.weight"] = [Piece("lm_head.weight", (V, H), 0)]
+    return layout
 
 
-def shard_state_dict(full: dict[str, Tensor], spec: LlamaSpec, tp_size: int, rank: int) -> dict[str, Tensor]:
-    """Slice a full megatron state dict for tensor-parallel ``rank`` of ``tp_size`` (see module doc)."""
-    check_tp_divisibility(spec, tp_size)
+def read_slice(file: Path, piece: Piece, tp_size: int, rank: int) -> Tensor:
+    """This rank's slice of one HF tensor, in the checkpoint's dtype; the full shape is checked first.
 
-    def chunk(t: torch.Tensor, dim: int) -> torch.Tensor:
-        return t.chunk(tp_size, dim=dim)[rank]
-
-    out = {}
-    for key, t in full.items():
-        if key.endswith(("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")):
-            t = chunk(t, 0)  # column/vocab parallel; qkv groups are contiguous per rank
-        elif key.endswith("linear_fc1.weight"):
-            gate, up = t.chunk(2, dim=0)  # [F, H] each
-            t = torch.cat([chunk(gate, 0), chunk(up, 0)], dim=0)  # [2F/N, H] = [gate_r; up_r]
-        elif key.endswith(("linear_proj.weight", "linear_fc2.weight")):
-            t = chunk(t, 1)  # row parallel: split the input dim
-        elif not key.endswith("layernorm.weight"):
-            raise KeyError(f"no TP sharding rule for megatron tensor {key!r}")
-        out[key] = t.contiguous()
-    return out
-
-
-def load_shards_into(model: torch.nn.Module, shard: dict[str, torch.Tensor]) -> None:
-    """Strictly load a TP shard: exact key sets and exact shapes, else a descriptive error."""
-    target = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    missing = sorted(set(target) - set(shard))
-    unexpected = sorted(set(shard) - set(target))
-    if missing or unexpected:
-        raise LLMCheckpointError(f"megatron key mismatch: missing={missing[:8]} unexpected={unexpected[:8]}")
-    for k, v in shard.items():
-        if tuple(v.shape) != tuple(target[k].shape):
-            raise LLMCheckpointError(
-                f"megatron tensor {k!r}: converted shape {tuple(v.shape)} != model shape {tuple(target[k].shape)}"
-            )
-    with torch.no_grad():
-        for k, v in shard.items():
-            target[k].copy_(v)
-
-
-# ----------------------------------------------------------------------------- cache
-
-
-def checkpoint_hash(checkpoint_dir) -> str:
-    """sha256 over config.json and the weight files (content), first 16 hex digits."""
-    path = _require_dir(checkpoint_dir)
-    h = hashlib.sha256()
-    h.update(f"format={CACHE_FORMAT}".encode())
-    for f in [path / "config.json", *_weight_files(path)]:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
-def cache_path(checkpoint_dir, cache_dir=None) -> Path:
-    """Where the converted full megatron state dict of this checkpoint is cached."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else Path(checkpoint_dir) / CACHE_DIRNAME
-    return cache_dir / f"megatron-{checkpoint_hash(checkpoint_dir)}.safetensors"
-
-
-def write_cache(checkpoint_dir, cache_dir=None) -> Path:
-    """Convert once and save the full (unsharded, fp32) megatron state dict + spec; no-op if cached.
-
-    Stored as safetensors (spec as JSON metadata): loading is a memory map, so each TP rank only
-    reads the pages of its own shard.
-    """
-    from safetensors.torch import save_file
-
-    target = cache_path(checkpoint_dir, cache_dir)
-    if target.is_file():
-        return target
-    spec = read_llama_spec(checkpoint_dir)
-    full = hf_to_megatron(load_hf_state_dict(checkpoint_dir), spec)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    meta = {"format": str(CACHE_FORMAT), "spec": json.dumps(dataclasses.asdict(spec))}
-    save_file(full, str(tmp), metadata=meta)
-    tmp.replace(target)  # atomic: concurrent ranks never read a half-written file
-    return target
-
-
-def load_full_state_dict(checkpoint_dir, cache_dir=None) -> tuple[LlamaSpec, dict[str, torch.Tensor]]:
-    """(spec, full megatron state dict): from the cache when present, else converted in-process."""
+    The file is opened for this one tensor: safetensors memory-maps it, and the pages read stay in this
+    process's resident set until the map is closed."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    spec = read_llama_spec(checkpoint_dir)
-    target = cache_path(checkpoint_dir, cache_dir)
-    if target.is_file():
-        with safe_open(str(target), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") == str(CACHE_FORMAT) and LlamaSpec(**json.loads(meta["spec"])) == spec:
-            return spec, load_file(str(target))
-    return spec, hf_to_megatron(load_hf_state_dict(checkpoint_dir), spec)
+    with safe_open(str(file), framework="pt") as f:
+        sl = f.get_slice(piece.hf_name)
+        shape = tuple(sl.get_shape())
+        if shape != piece.hf_shape:
+            raise LLMCheckpointError(
+                f"HF tensor {piece.hf_name!r} in {file} has shape {shape}, expected {piece.hf_shape}")
+        if piece.split_dim is None:
+            return sl[:]
+        n = shape[piece.split_dim] // tp_size
+        return sl[(slice(None),) * piece.split_dim + (slice(rank * n, (rank + 1) * n),)]
+
+
+def load_tp_shard(model: torch.nn.Module, checkpoint_dir, spec: LlamaSpec, tp_size: int, rank: int) -> None:
+    """Fill ``model`` (built by :func:`build_gpt_model` for ``spec`` / ``tp_size``) with TP rank ``rank``'s
+    slices of the HF checkpoint: exact key sets and exact shapes on both sides, else a descriptive error.
+
+    Memory: the model's own parameters plus one slice in flight."""
+    files = weight_files(checkpoint_dir)
+    layout = megatron_layout(spec, tp_size)
+    expected = {p.hf_name for pieces in layout.values() for p in pieces}
+    missing = sorted(expected - set(files))
+    if missing:
+        raise LLMCheckpointError(f"HF checkpoint {checkpoint_dir} is missing tensor(s) {missing[:8]}")
+    ignorable = {"lm_head.weight"} if spec.tie_word_embeddings else set()  # some savers write the tied copy
+    leftover = sorted(k for k in set(files) - expected - ignorable if "rotary_emb" not in k)
+    if leftover:
+        raise LLMCheckpointError(f"unexpected tensors in HF checkpoint {checkpoint_dir}: {leftover[:8]}")
+
+    target = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if set(target) != set(layout):
+        raise LLMCheckpointError(f"megatron key mismatch: missing={sorted(set(target) - set(layout))[:8]} "
+                                 f"unexpected={sorted(set(layout) - set(target))[:8]}")
+    with torch.no_grad():
+        for key, pieces in layout.items():
+            param, filled = target[key], 0
+            for piece in pieces:
+                src = read_slice(files[piece.hf_name], piece, tp_size, rank)  # checkpoint dtype
+                dest = piece.place(param)
+                if src.numel() != dest.numel():
+                    raise LLMCheckpointError(f"megatron tensor {key!r} {tuple(param.shape)}: {piece.hf_name!r} "
+                                             f"slice {tuple(src.shape)} does not fit {tuple(dest.shape)}")
+                dest.copy_(src.view(dest.shape))  # converts to the parameters' dtype / device
+                filled += dest.numel()
+                del src
+            if filled != param.numel():
+                raise LLMCheckpointError(f"megatron tensor {key!r} {tuple(param.shape)}: the checkpoint fills "
+                                         f"{filled} of its {param.numel()} elements")

@@ -16,12 +16,15 @@ must call the host with *identical* inputs (same texts / embeddings / labels), a
 outputs (losses are all-reduced inside ``vocab_parallel_cross_entropy``). Data parallelism of the
 speech encoder runs across TP groups.
 
+Loading: each rank reads only its own slices of the safetensors files, in the checkpoint's dtype
+(:func:`~nemo_ctcllm.llm.convert.load_tp_shard`); host memory is this rank's parameters plus one slice.
+
 State-dict hygiene: the megatron ``GPTModel`` is deliberately *not* registered as a submodule
 (it is held with ``object.__setattr__``). An owner that stores an ``LLMHost`` as an attribute
 therefore gets no LLM tensors in its ``state_dict()`` / ``parameters()`` / optimizer, DDP never
 broadcasts (and so never overwrites) the per-rank TP shards, and ``owner.train()`` cannot switch
 the LLM out of eval mode. The host registers no buffers; it is rebuilt from the checkpoint folder
-(or its cache) on restore. Use ``host.gpt`` for direct access.
+on restore. Use ``host.gpt`` for direct access.
 """
 
 from __future__ import annotations
@@ -37,31 +40,32 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .compat import apply_cpu_patches
-from .convert import (
-    LLMCheckpointError,
-    build_gpt_model,
-    check_tp_divisibility,
-    load_full_state_dict,
-    load_shards_into,
-    read_llama_spec,
-    shard_state_dict,
-)
+from .convert import LLMCheckpointError, build_gpt_model, check_tp_divisibility, load_tp_shard, read_llama_spec
 
 IGNORE_INDEX = -100
 
 
-def _own_precision(fn):
+def _llm_call(fn):
     """Run an LLM forward in the LLM's own parameter dtype, outside CPU autocast (the embedding lookup in
-    ``embed`` needs no guard: autocast leaves it alone).
+    ``embed`` needs no guard: autocast leaves it alone), with activation recompute when it is on.
 
     Under ``trainer.precision=bf16-mixed`` on a CPU, autocast would hand bf16 activations to the frozen fp32
     weights, and megatron's frozen-weight linear then fails in backward (bf16 gradient @ fp32 weight). On GPU
-    the weights are bf16 already and CUDA autocast is left alone."""
+    the weights are bf16 already and CUDA autocast is left alone.
+
+    Recompute: megatron's ``TransformerBlock`` recomputes only in training mode; the host switches that one
+    flag (the block's own, not its layers') on for calls that build a graph, so no-grad scoring pays nothing
+    and the frozen layers stay in eval mode (dropout is 0 either way)."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.autocast("cpu", enabled=False):
-            return fn(*args, **kwargs)
+    def wrapper(self, *args, **kwargs):
+        block = self.gpt.decoder
+        block.training = self.activation_recompute and torch.is_grad_enabled()
+        try:
+            with torch.autocast("cpu", enabled=False):
+                return fn(self, *args, **kwargs)
+        finally:
+            block.training = False
 
     return wrapper
 
@@ -149,7 +153,8 @@ def check_tokenizer_matches(tokenizer, spec, checkpoint_dir) -> None:
 
 def validate_llm_folder(checkpoint_dir, tp_size: int = 1) -> None:
     """Cheap checks of an LLM folder before training starts (no weights read): config.json describes a
-    supported LLaMA, its heads divide by ``tp_size``, and its tokenizer loads and matches the vocabulary."""
+    supported LLaMA, its heads, query groups, FFN size and vocabulary divide by ``tp_size``, and its tokenizer
+    loads and matches the vocabulary."""
     from transformers import AutoTokenizer
 
     spec = read_llama_spec(checkpoint_dir)
@@ -176,9 +181,10 @@ class LLMHost(nn.Module):
         checkpoint_dir: local HF LLaMA folder (config.json, model.safetensors, tokenizer files).
         tp_size: tensor-parallel size. ``None``: use megatron's current TP size, or 1.
         device: default ``cuda:<current>`` when CUDA is available, else ``cpu``.
-        params_dtype: default bf16 on GPU, fp32 on CPU.
-        cache_dir: where ``scripts/prepare_llm.py`` cached the converted weights
-            (default ``<checkpoint_dir>/.megatron_cache``); converted in-process if absent.
+        params_dtype: default bf16 on GPU, fp32 on CPU (the checkpoint is read in its own dtype and converted
+            slice by slice).
+        activation_recompute: megatron's full activation recompute (one layer per checkpoint) in calls that
+            build a graph: backward re-runs each layer instead of keeping its activations.
     """
 
     def __init__(
@@ -187,7 +193,7 @@ class LLMHost(nn.Module):
         tp_size: Optional[int] = None,
         device: Optional[Union[str, torch.device]] = None,
         params_dtype: Optional[torch.dtype] = None,
-        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        activation_recompute: bool = False,
     ):
         super().__init__()
         from megatron.core import parallel_state
@@ -217,16 +223,15 @@ class LLMHost(nn.Module):
         except (OSError, ValueError) as e:
             raise LLMCheckpointError(f"cannot load the tokenizer from {self.checkpoint_dir}: {e}") from e
         check_tokenizer_matches(self.tokenizer, spec, self.checkpoint_dir)
-        spec, full = load_full_state_dict(self.checkpoint_dir, cache_dir)
         rank = parallel_state.get_tensor_model_parallel_rank()
-        gpt = build_gpt_model(spec, tp_size, params_dtype, device)
-        load_shards_into(gpt, shard_state_dict(full, spec, tp_size, rank))
-        del full
+        gpt = build_gpt_model(spec, tp_size, params_dtype, device, activation_recompute=activation_recompute)
+        load_tp_shard(gpt, self.checkpoint_dir, spec, tp_size, rank)
         gpt.eval()
         gpt.requires_grad_(False)
         object.__setattr__(self, "gpt", gpt)  # not a registered submodule: see module docstring
 
         self.spec = spec
+        self.activation_recompute = activation_recompute
         self.device = device
         self.dtype = params_dtype
         self.pad_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
@@ -288,7 +293,7 @@ class LLMHost(nn.Module):
         x = inputs_embeds.to(self.device, self.dtype).transpose(0, 1).contiguous()  # [L, B, H]
         return x, lengths, causal_padding_mask(lengths, L)
 
-    @_own_precision
+    @_llm_call
     def forward_embeds(
         self,
         inputs_embeds: Tensor,
@@ -325,7 +330,7 @@ class LLMHost(nn.Module):
 
     forward = forward_embeds
 
-    @_own_precision
+    @_llm_call
     def vocab_parallel_logits(self, inputs_embeds: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """This rank's vocab shard of the logits [B, L, V/N] (fp32); rows past ``lengths`` are junk."""
         x, lengths, mask = self._decoder_inputs(inputs_embeds, lengths, None)
@@ -333,7 +338,7 @@ class LLMHost(nn.Module):
         logits = self.gpt(input_ids=None, position_ids=position_ids, attention_mask=mask, decoder_input=x)
         return logits.float()  # GPTModel already returns [B, L, V/N] when no labels are given
 
-    @_own_precision
+    @_llm_call
     def hidden_states(self, inputs_embeds: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """Last-layer hidden states [B, L, H] (final RMSNorm applied) for embeds [B, L, H]."""
         x, lengths, mask = self._decoder_inputs(inputs_embeds, lengths, None)

