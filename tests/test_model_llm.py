@@ -1,4 +1,5 @@
 """The model's frozen LLM: built on first use, outside the module tree, never in the optimizer or the .nemo."""
+import json
 import shutil
 import tarfile
 
@@ -91,6 +92,43 @@ def test_llm_config_errors(tokenizer_dir):
     model = EncDecCTCLLMModelBPE(cfg)
     with pytest.raises(ConfigError, match="model.llm.checkpoint is not set"):
         model.llm
+
+
+def test_llm_activation_recompute_key(tokenizer_dir, tiny_llm, llm_process_group):
+    cfg = tiny_model_cfg(tokenizer_dir)
+    cfg.llm = {"checkpoint": None, "activation_recompute": "yes"}
+    with pytest.raises(ConfigError, match="model.llm.activation_recompute must be true or false, got 'yes'"):
+        EncDecCTCLLMModelBPE(cfg)
+    host = model_with_llm(tokenizer_dir, tiny_llm, activation_recompute=True).llm
+    assert host.activation_recompute and host.gpt.config.recompute_granularity == "full"
+    assert model_with_llm(tokenizer_dir, tiny_llm).llm.gpt.config.recompute_granularity is None  # default off
+
+
+def test_host_is_built_at_fit_start(tokenizer_dir, tiny_llm, llm_process_group):
+    """Lightning calls on_fit_start on every rank before sanity validation and the first step."""
+    model = model_with_llm(tokenizer_dir, tiny_llm)
+    assert "_llm_host" not in model.__dict__
+    model.on_fit_start()
+    assert type(model.__dict__["_llm_host"]).__name__ == "LLMHost"
+    no_llm = model_with_llm(tokenizer_dir, None)
+    no_llm.on_fit_start()  # no checkpoint: nothing to build, no error
+    assert "_llm_host" not in no_llm.__dict__
+
+
+def test_tp_that_does_not_split_the_llm_is_refused_at_construction(tokenizer_dir, tiny_llm, tmp_path):
+    """With a trainer (training), config.json is checked in __init__, before any process group is made."""
+    from lightning.pytorch import Trainer
+
+    folder = tmp_path / "llm"
+    shutil.copytree(tiny_llm, folder)
+    cfg_json = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg_json, "intermediate_size": 99}))
+    cfg = tiny_model_cfg(tokenizer_dir)
+    cfg.llm = {"checkpoint": str(folder), "tensor_model_parallel_size": 2}
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    with pytest.raises(ConfigError, match=r"model.llm.tensor_model_parallel_size=2: the LLM's intermediate_size "
+                                          r"\(ffn_hidden_size\)=99 is not divisible by it"):
+        EncDecCTCLLMModelBPE(cfg, trainer=trainer)
 
 
 @pytest.mark.parametrize(
