@@ -303,7 +303,10 @@ def megatron_layout(spec: LlamaSpec, tp_size: int) -> dict[str, list[Piece]]:
     def qkv(t: Tensor) -> Tensor:
         return t.view(g, h + 2, D, H)  # [groups, (q heads | k | v), D, H]
 
+    # the two [V/N, H] tensors first: their slices are the largest reads and happen while little is resident
     layout = {"embedding.word_embeddings.weight": [Piece("model.embed_tokens.weight", (V, H), 0)]}
+    if not spec.tie_word_embeddings:
+        layout["output_layer.weight"] = [Piece("lm_head.weight", (V, H), 0)]
     for i in range(spec.num_layers):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
         layout.update({
@@ -322,8 +325,6 @@ def megatron_layout(spec: LlamaSpec, tp_size: int) -> dict[str, list[Piece]]:
             mg + "mlp.linear_fc2.weight": [Piece(hf + "mlp.down_proj.weight", (H, F_), 1)],
         })
     layout["decoder.final_layernorm.weight"] = [Piece("model.norm.weight", (H,), None)]
-    if not spec.tie_word_embeddings:
-        layout["output_layer.weight"] = [Piece("lm_head.weight", (V, H), 0)]
     return layout
 
 
@@ -350,7 +351,8 @@ def load_tp_shard(model: torch.nn.Module, checkpoint_dir, spec: LlamaSpec, tp_si
     """Fill ``model`` (built by :func:`build_gpt_model` for ``spec`` / ``tp_size``) with TP rank ``rank``'s
     slices of the HF checkpoint: exact key sets and exact shapes on both sides, else a descriptive error.
 
-    Memory: the model's own parameters plus one slice in flight."""
+    Memory: the model's own parameters plus one slice in flight (and, while its file is open, the mapped pages
+    it was read from)."""
     files = weight_files(checkpoint_dir)
     layout = megatron_layout(spec, tp_size)
     expected = {p.hf_name for pieces in layout.values() for p in pieces}
