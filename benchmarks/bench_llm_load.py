@@ -5,12 +5,12 @@
    than one file's tensors, ~512 MiB, in memory); the tokenizer is copied from any small HF folder, since only
    the weights matter for memory::
 
-       python benchmarks/bench_llm_load.py write --out CKPT [--shape llama-3.2-1b] [--tokenizer-from DIR]
+       python -m benchmarks.bench_llm_load write --out CKPT [--shape llama-3.2-1b] [--tokenizer-from DIR]
 
 2. Load it with TP=N (gloo on CPU) and report per rank, as one JSON line each::
 
-       torchrun --nproc-per-node N benchmarks/bench_llm_load.py load --ckpt CKPT [--dtype bf16|fp32]
-       torchrun --nproc-per-node 1 benchmarks/bench_llm_load.py load --ckpt CKPT --fwd-bwd [--recompute]
+       torchrun --nproc-per-node N -m benchmarks.bench_llm_load load --ckpt CKPT [--dtype bf16|fp32]
+       torchrun --nproc-per-node 1 -m benchmarks.bench_llm_load load --ckpt CKPT --fwd-bwd [--recompute]
 
    ``base_gb``: resident set after imports and process-group setup, before the host is built;
    ``peak_gb``: the process's peak resident set (``VmHWM``) at the end of the load, file-backed pages of the
