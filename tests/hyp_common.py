@@ -30,14 +30,14 @@ def make(tokenizer_dir, checkpoint, train_manifest=None, **objectives):
 
 
 def steered(model, texts=LLM_CORPUS, strength=5.0, leaf=False):
-    """StepContext whose posteriors are biased (by a constant) towards each transcript's tokens, spread evenly
-    over the utterance. ``leaf``: posteriors as a free leaf tensor instead of the encoder's output."""
+    """StepContext whose posteriors are biased (by a constant, or one per row) towards each transcript's tokens,
+    spread evenly over the utterance. ``leaf``: posteriors as a free leaf tensor instead of the encoder's output."""
     ctx = model.step_context(asr_batch(model, texts), compute_wer=False)
     B, T, C = ctx.log_probs.shape
     bias = torch.zeros(B, T, C)
     for b, (u, n) in enumerate(zip(ctx.target_len.tolist(), ctx.encoded_len.tolist())):
         frames = torch.linspace(0, n - 1, u + 2)[1:-1].round().long()
-        bias[b, frames, ctx.targets[b, :u]] = strength
+        bias[b, frames, ctx.targets[b, :u]] = strength[b] if isinstance(strength, (list, tuple)) else strength
     log_probs = ctx.log_probs.detach().requires_grad_(True) if leaf else ctx.log_probs
     return dataclasses.replace(ctx, log_probs=(log_probs + bias).log_softmax(-1), cache={}), log_probs
 

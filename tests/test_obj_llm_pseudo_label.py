@@ -3,7 +3,9 @@
 CTC / margin losses on the N-best and the confidence filter; the gradient reaches the encoder and never the
 LLM; rows without a transcript reach only this objective (never a loss that needs a reference), and a
 manifest mixing labelled and unlabelled lines trains through a real Lightning Trainer; config errors name
-the key.
+the key. Hygiene: the N-best comes from an un-augmented no-grad pass (SpecAugment's and dropout's draws do
+not move it), the confidence is calibrated per token so that a threshold filters a known share of real
+outputs of a (briefly trained) tiny model, and the acoustic ranker (greedy self-training) needs no LLM.
 """
 import json
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LLM_CORPUS, make_tiny_llama
+from conftest import LLM_CORPUS, make_tiny_llama, tiny_model_cfg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hyp_common import (  # noqa: E402
@@ -25,8 +27,10 @@ from hyp_common import (  # noqa: E402
 )
 from obj_tp_worker import asr_batch  # noqa: E402
 
+from nemo_ctcllm.models import EncDecCTCLLMModelBPE  # noqa: E402
 from nemo_ctcllm.objectives import compose_loss  # noqa: E402
 from nemo_ctcllm.objectives.shared.hypotheses import hypotheses  # noqa: E402
+from nemo_ctcllm.objectives.llm_pseudo_label import pseudo_label_confidence  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +44,10 @@ def test_gradient_reaches_encoder_not_llm(tokenizer_dir, tiny_llm, llm_process_g
 
 
 def test_pseudo_label_losses(tokenizer_dir, tiny_llm, llm_process_group):
-    model = make(tokenizer_dir, tiny_llm, llm_pseudo_label={"nbest": 4, "lm_weight": 1.0})
+    model = make(tokenizer_dir, tiny_llm, llm_pseudo_label={"nbest": 4, "lm_weight": 1.0, "source": "train"})
     term = model.objectives["llm_pseudo_label"]
-    ctx, _ = steered(model, strength=3.0)
-    hyps = hypotheses(ctx, term.settings)
+    ctx, _ = steered(model, strength=3.0)  # steered posteriors: rank them, not a fresh pass of the model
+    hyps = hypotheses(ctx, term.settings, source="train")
     best = (hyps.acoustic.detach() + hyps.llm).argmax(1)  # [B]
     rows = torch.arange(len(best))
     ids, lens = hyps.ids[rows, best], hyps.lengths[rows, best]  # [B, L], [B]
@@ -144,6 +148,10 @@ BAD = [
     ({"margin": -1}, f"{P}.margin must be a finite number in [0.0, 1000.0]"),
     ({"labelled": False}, f"{P}: labelled and unlabelled are both false"),
     ({"unlabelled": "true"}, f"{P}.unlabelled must be true or false"),
+    ({"ranker": "greedy"}, f"{P}.ranker must be one of ['llm', 'acoustic']"),
+    ({"source": "teacher"}, f"{P}.source must be one of ['train', 'clean']"),
+    ({"confidence_temperature": 0}, f"{P}.confidence_temperature must be a finite number in (0.0, 1000.0]"),
+    ({"confidence_length_normalize": 1}, f"{P}.confidence_length_normalize must be true or false"),
 ]
 
 
@@ -154,3 +162,130 @@ def test_config_errors_name_the_key(tokenizer_dir, tiny_llm, block, message):
 
 def test_config_error_without_llm(tokenizer_dir):
     assert_config_error_without_llm(tokenizer_dir, "llm_pseudo_label")
+
+
+# ---------------------------------------------------------------------------------------------- hygiene
+AUGMENTED = {"_target_": "nemo.collections.asr.modules.SpectrogramAugmentation", "freq_masks": 2, "time_masks": 4,
+             "freq_width": 10, "time_width": 0.1}
+
+
+def augmented_model(tokenizer_dir, checkpoint, **block):
+    """The tiny model with SpecAugment, dither and dropout on, in training mode."""
+    cfg = tiny_model_cfg(tokenizer_dir, llm_pseudo_label={"nbest": 4, **block})
+    cfg.spec_augment = AUGMENTED
+    cfg.preprocessor.dither = 1e-5
+    cfg.encoder.update({"dropout": 0.1, "dropout_pre_encoder": 0.1, "dropout_att": 0.1})
+    if checkpoint is not None:
+        cfg.llm = {"checkpoint": checkpoint}
+    torch.manual_seed(0)
+    model = EncDecCTCLLMModelBPE(cfg)
+    model.train()
+    return model
+
+
+def test_nbest_comes_from_an_unaugmented_pass(tokenizer_dir, tiny_llm, llm_process_group):
+    model = augmented_model(tokenizer_dir, tiny_llm)
+    term = model.objectives["llm_pseudo_label"]
+    batch = asr_batch(model, LLM_CORPUS)
+    modes = {name: m.training for name, m in model.named_modules()}
+    runs = []
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    for seed in (1, 2):  # two draws of SpecAugment, dither and dropout, from the same weights and statistics
+        model.load_state_dict(start)  # (a training pass updates BatchNorm's running statistics)
+        torch.manual_seed(seed)
+        ctx = model.step_context(batch, compute_wer=False)
+        bn = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+        assert bn
+        clean = hypotheses(ctx, term.settings, source="clean")
+        train = hypotheses(ctx, term.settings, source="train")
+        for k, v in model.state_dict().items():  # the clean pass runs BatchNorm on its statistics, never updates them
+            if k in bn:
+                assert torch.equal(v, bn[k]), k
+        assert {name: m.training for name, m in model.named_modules()} == modes  # every mode restored
+        assert clean.acoustic.requires_grad and not clean.teacher.requires_grad
+        model.eval()  # the clean pass is the eval-mode pass of the same batch and weights
+        with torch.no_grad():
+            _, _, reference = model.encode(*batch[:2])  # [B, T, V+1]
+        model.train()
+        assert torch.equal(ctx.cache["clean_log_probs"], reference)
+        runs.append((ctx, clean, train))
+    (ctx1, clean1, train1), (ctx2, clean2, train2) = runs
+    assert not torch.allclose(ctx1.log_probs, ctx2.log_probs)  # the training passes were augmented differently
+    assert not torch.equal(train1.ids, train2.ids)  # ... which moves an N-best searched in them
+    assert torch.equal(clean1.ids, clean2.ids) and clean1.texts == clean2.texts  # ... and not the clean one
+    # (its scores move by the training pass's BatchNorm statistics update of this step: momentum 0.1, no more)
+    torch.testing.assert_close(clean1.teacher, clean2.teacher, atol=0.05, rtol=0)
+    model.eval()  # in eval mode there is one pass: the training pass is the clean one
+    with torch.no_grad():
+        ctx = model.step_context(batch, compute_wer=False)
+    ref = hypotheses(ctx, term.settings, source="clean")
+    torch.testing.assert_close(ref.acoustic, ref.teacher)
+    # the student's scores are the augmented pass's: the loss is -log p_CTC(y* | augmented x) of the clean label
+    model.train()
+    loss, _ = term(ctx1)
+    best = clean1.teacher_combined(term.settings, term.settings.lm_weight).argmax(1)  # [B]
+    expected = -clean1.acoustic.gather(1, best[:, None]).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_acoustic_ranker_is_greedy_self_training_without_llm(tokenizer_dir):
+    """ranker: acoustic needs no LLM; its label is the clean pass's top hypothesis."""
+    model = augmented_model(tokenizer_dir, None, ranker="acoustic", labelled=False, unlabelled=True)
+    term = model.objectives["llm_pseudo_label"]
+    assert not term.tp_collective and model.semi_supervised
+    signal, signal_len, targets, target_len = asr_batch(model, LLM_CORPUS)
+    torch.manual_seed(3)
+    ctx = model.step_context((signal, signal_len, targets, torch.zeros_like(target_len)), compute_wer=False)
+    total, logs = compose_loss(model.objectives, ctx, step=0, prefix="train")
+    hyps = hypotheses(ctx, term.settings, source="clean", with_llm=False)
+    assert float(hyps.llm.abs().sum()) == 0.0
+    top = hyps.teacher.argmax(1)  # [B]: exact log p_CTC of the clean pass (the search's pruned sums may differ)
+    rows = torch.arange(4)
+    ids, lens = hyps.ids[rows, top], hyps.lengths[rows, top]  # [B, L], [B]: the top acoustic hypothesis
+    ctc = F.ctc_loss(ctx.log_probs.transpose(0, 1), ids, ctx.encoded_len, lens, blank=ctx.log_probs.shape[2] - 1,
+                     reduction="none")  # [B]
+    torch.testing.assert_close(logs["train/llm_pseudo_label"], ctc.mean().detach())
+    assert "train/ctc_final" not in logs and "train/llm_pseudo_label_top_changed" not in logs
+    total.backward()
+    assert model.encoder.layers[0].feed_forward1.linear1.weight.grad.abs().sum() > 0
+
+
+def test_confidence_per_token_by_hand():
+    """A 19-token label 5 nats ahead of the runner-up: the sequence softmax calls it certain (0.99), per token
+    (5 / 20 = 0.25 nats) it is not; a 1-token label with the same gap stays confident. Temperature divides."""
+    rank = torch.tensor([[-40.0, -45.0, -46.0, float("-inf")], [-4.0, -9.0, -10.0, -11.0]])  # [B, N]
+    lengths = torch.tensor([[19, 18, 20, 0], [1, 2, 2, 3]])  # [B, N]
+    best = torch.tensor([0, 0])
+    plain = pseudo_label_confidence(rank, lengths, best, temperature=1.0, length_normalize=False)
+    per_token = pseudo_label_confidence(rank, lengths, best, temperature=1.0, length_normalize=True)
+    hot = pseudo_label_confidence(rank, lengths, best, temperature=2.0, length_normalize=True)
+    e = torch.tensor(1.0).exp
+    torch.testing.assert_close(plain[0], 1 / (1 + e() ** -5 + e() ** -6))  # 0.991
+    torch.testing.assert_close(per_token[0], 1 / (1 + e() ** -0.25 + e() ** -0.3))  # 0.38: the threshold can bite
+    torch.testing.assert_close(per_token[1], 1 / (1 + e() ** -2.5 + e() ** -3 + e() ** -3.5))  # 0.87
+    torch.testing.assert_close(hot[0], 1 / (1 + e() ** -0.125 + e() ** -0.15))
+
+
+def test_the_threshold_keeps_the_rows_at_or_above_it(tokenizer_dir, tiny_llm, llm_process_group):
+    """On the tiny model's outputs (steered towards the transcripts by 1 to 5 nats a frame, like a partly
+    trained model) the confidence is the by-hand per-token posterior and a threshold at each row's keeps
+    exactly the rows at or above it."""
+    model = make(tokenizer_dir, tiny_llm, llm_pseudo_label={"nbest": 8, "source": "train"})
+    term = model.objectives["llm_pseudo_label"]
+    ctx, _ = steered(model, strength=[1.0, 2.0, 3.0, 5.0])
+    hyps, best, confidence, _ = term.label(ctx)
+    rank = (hyps.teacher + term.settings.lm_weight * hyps.llm).masked_fill(~hyps.valid, float("-inf"))
+    rows = torch.arange(len(best))
+    norm = hyps.lengths[rows, best].float() + 1.0
+    torch.testing.assert_close(confidence, (rank / norm[:, None]).softmax(1)[rows, best])
+    assert len(set(confidence.tolist())) == 4
+    for k, threshold in enumerate(confidence.sort().values.tolist()):  # the k-th lowest: 4 - k rows stay
+        share = (4 - k) / 4
+        term.confidence_threshold = threshold
+        loss, stats = term(ctx)
+        keep = confidence >= term.confidence_threshold  # [B]
+        assert float(stats["kept"]) == share == float(keep.float().mean())
+        torch.testing.assert_close(loss, -hyps.acoustic[rows, best][keep].mean())
+    term.confidence_temperature = 1e3  # a high temperature flattens it towards 1 / (valid hypotheses)
+    _, _, flat, _ = term.label(ctx)
+    torch.testing.assert_close(flat, 1.0 / hyps.valid.sum(1).float(), atol=0.02, rtol=0)

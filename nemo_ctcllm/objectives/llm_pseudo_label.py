@@ -1,21 +1,38 @@
-"""``llm_pseudo_label``: Variant B, LLM-ranked N-best -> pseudo-label (regularizer and semi-supervised).
+"""``llm_pseudo_label``: the best of the N-best as a pseudo-label (regularizer and semi-supervised).
 
-Per utterance the CTC N-best is ranked by the combined score s_n = κ·a_n + λ·l_n (acoustic log-probability
-plus λ times the frozen LLM's log-likelihood, :mod:`nemo_ctcllm.objectives.shared.hypotheses`); the best, y*, is
-the pseudo-label and its posterior P* = softmax_n(s_n)[*] over the N-best is its confidence. Rows with
-P* >= ``confidence_threshold`` are kept (the filtering of noisy-student / pseudo-labelling, e.g. Kahn et al.
-2020, arXiv 1909.09116; Higuchi et al. 2021, arXiv 2104.08416) and trained with
+Per utterance the CTC N-best y_1..y_N is searched in an un-augmented pass of the batch (``source: clean``, the
+default: the model in eval mode, no gradient; :mod:`nemo_ctcllm.objectives.shared.hypotheses`) and ranked by
+
+    ``ranker: llm``       r_n = κ·a'_n + λ·l_n   (acoustic log-probability of the clean pass plus λ times the
+                                                  frozen LLM's log-likelihood; Variant B)
+    ``ranker: acoustic``  r_n = κ·a'_n           (no LLM: greedy self-training, the control arm of
+                                                  semi-supervised training; the top acoustic hypothesis)
+
+The best, y*, is the pseudo-label. Its confidence is its posterior over the N-best at a per-token temperature,
+
+    c = softmax_n( r_n / (T · L) )[*]            L = |y*| + 1 (ASR tokens of y*, plus one) with
+                                                 ``confidence_length_normalize``, else 1; T = ``confidence_temperature``
+
+A sequence log-probability grows with the utterance, so the plain softmax (L = 1, T = 1) puts nearly all mass on
+the best hypothesis of any utterance longer than a few tokens and a threshold filters nothing; per token, the
+score gaps are those of one decision and c spreads over (0, 1). L depends on y* only, so the ranking is
+unchanged. Rows with c >= ``confidence_threshold`` are kept (the filtering of pseudo-labelling, e.g. Kahn et
+al. 2020, arXiv 1909.09116; Higuchi et al. 2021, arXiv 2104.08416) and trained with
 
     ``ctc``     L_b = -log p_CTC(y* | x)                     (CTC loss on the pseudo-label)
     ``margin``  L_b = mean_{n != *} max(0, m - (a_* - a_n))    (prefer y* over the other hypotheses by m nats)
     ``both``    their sum;        loss = mean over kept rows (0 when none is kept)
 
+where a_n is the log-probability under the training pass (SpecAugment'ed while training, with gradient): the
+label comes from the clean view, the student learns it from the augmented one. ``source: train`` searches and
+ranks in the training pass itself (the behaviour before the clean pass existed, kept for comparison).
+
 Two uses (both may be on): ``labelled: true`` applies it to rows that have a transcript (a regularizer that
-pulls the model towards the LLM-preferred reading of its own N-best); ``unlabelled: true`` applies it to rows
+pulls the model towards the preferred reading of its own N-best); ``unlabelled: true`` applies it to rows
 without one: manifest lines with no ``text`` key (semi-supervised training). With ``unlabelled: true`` the
 model marks rows with an empty target as unlabelled (``StepContext.labelled``) and every objective that needs
 a reference (CTC heads, ...) sees only the labelled rows (:func:`nemo_ctcllm.objectives.base.compose_loss`).
-The search and the LLM run without gradients; the loss reaches the encoder through a_n = -CTC(y_n).
+The search, the clean pass and the LLM run without gradients; the loss reaches the encoder through a_n.
 """
 from __future__ import annotations
 
@@ -29,18 +46,30 @@ from torch import Tensor
 from nemo_ctcllm.config import ConfigError, check_bool, check_choice, check_number
 from nemo_ctcllm.objectives.base import Objective, ObjectiveEnv, Stats, StepContext, register_objective
 from nemo_ctcllm.objectives.shared.checks import require_llm
-from nemo_ctcllm.objectives.shared.hypotheses import SearchConfig, SearchSettings, hypotheses, top_choices
+from nemo_ctcllm.objectives.shared.hypotheses import SOURCES, SearchConfig, SearchSettings, hypotheses
 
 LOSSES = ("ctc", "margin", "both")
+RANKERS = ("llm", "acoustic")
+
+
+def pseudo_label_confidence(rank: Tensor, lengths: Tensor, best: Tensor, temperature: float,
+                            length_normalize: bool) -> Tensor:
+    """c = softmax_n(r_n / (T·L))[best] [B] (0 for a row without a valid hypothesis).
+
+    rank [B, N] ranking scores (-inf where not valid), lengths [B, N] token counts, best [B] index of y*.
+    """
+    norm = lengths.gather(1, best[:, None]).to(rank) + 1.0 if length_normalize else torch.ones_like(rank[:, :1])
+    post = (rank / (temperature * norm)).softmax(-1).nan_to_num(0.0)  # [B, N]
+    return post.gather(1, best[:, None])[:, 0]
 
 
 class LlmPseudoLabel(Objective):
-    """CTC (and/or margin) loss on the LLM-ranked best hypothesis (see the module docstring)."""
-
-    tp_collective = True
+    """CTC (and/or margin) loss on the best-ranked clean-pass hypothesis (see the module docstring)."""
 
     def __init__(self, name, weight, warmup_steps, settings: SearchSettings, loss: str, margin: float,
-                 confidence_threshold: float, labelled: bool, unlabelled: bool, every_n_steps: int = 1):
+                 confidence_threshold: float, labelled: bool, unlabelled: bool, every_n_steps: int = 1,
+                 ranker: str = "llm", source: str = "clean", confidence_temperature: float = 1.0,
+                 confidence_length_normalize: bool = True):
         super().__init__(name, weight, warmup_steps, every_n_steps=every_n_steps)
         self.settings = settings
         self.loss = loss
@@ -48,6 +77,11 @@ class LlmPseudoLabel(Objective):
         self.confidence_threshold = confidence_threshold
         self.use_labelled = labelled
         self.uses_unlabelled = unlabelled  # class attribute of Objective, set per instance
+        self.ranker = ranker
+        self.source = source
+        self.confidence_temperature = confidence_temperature
+        self.confidence_length_normalize = confidence_length_normalize
+        self.tp_collective = ranker == "llm"  # the LLM's TP group scores together; the acoustic ranker has none
 
     def rows(self, ctx: StepContext) -> Tensor:
         """[B] bool: rows this objective trains on (labelled and/or unlabelled ones, as configured)."""
@@ -56,12 +90,21 @@ class LlmPseudoLabel(Objective):
         labelled = labelled.to(ctx.log_probs.device)
         return (labelled & self.use_labelled) | (~labelled & self.uses_unlabelled)
 
+    def label(self, ctx: StepContext):
+        """(hypotheses, best [B], confidence [B], acoustic top [B]) of this step (no grad but in hyps.acoustic)."""
+        use_llm = self.ranker == "llm"
+        hyps = hypotheses(ctx, self.settings, source=self.source, with_llm=use_llm)
+        rank = hyps.teacher_combined(self.settings, self.settings.lm_weight if use_llm else 0.0)  # [B, N]
+        best = rank.argmax(1)  # [B]
+        top = hyps.teacher.masked_fill(~hyps.valid, float("-inf")).argmax(1)  # [B]
+        confidence = pseudo_label_confidence(rank, hyps.lengths, best, self.confidence_temperature,
+                                             self.confidence_length_normalize)
+        return hyps, best, confidence, top
+
     def forward(self, ctx: StepContext) -> Tuple[Optional[Tensor], Stats]:
-        hyps = hypotheses(ctx, self.settings)
+        hyps, best, confidence, top = self.label(ctx)
         B, N = hyps.valid.shape
-        a = hyps.acoustic  # [B, N] with grad
-        top, best = top_choices(hyps, self.settings)  # [B], [B]
-        confidence = hyps.posterior(self.settings).detach().gather(1, best[:, None])[:, 0]  # [B]
+        a = hyps.acoustic  # [B, N] with grad (training pass)
         keep = self.rows(ctx) & hyps.valid[:, 0] & (confidence >= self.confidence_threshold)  # [B]
         a_best = a.gather(1, best[:, None])  # [B, 1]
         per_row = a.new_zeros(B)
@@ -75,11 +118,9 @@ class LlmPseudoLabel(Objective):
         loss = (per_row * keep).sum() / kept.clamp(min=1)
         stats: Stats = {}
         if B:
-            stats = {
-                "kept": kept.float() / max(B, 1),
-                "confidence": confidence.mean(),
-                "top_changed": (top != best).float().mean(),
-            }
+            stats = {"kept": kept.float() / max(B, 1), "confidence": confidence.mean()}
+            if self.ranker == "llm":
+                stats["top_changed"] = (top != best).float().mean()
         return loss, stats
 
 
@@ -87,7 +128,11 @@ class LlmPseudoLabel(Objective):
 class LlmPseudoLabelConfig(SearchConfig):
     loss: str = "ctc"  # one of LOSSES
     margin: float = 1.0  # m of the margin loss, in nats
-    confidence_threshold: float = 0.0  # rows whose pseudo-label posterior P* is lower are not trained on
+    confidence_threshold: float = 0.0  # rows whose pseudo-label confidence c is lower are not trained on
+    confidence_temperature: float = 1.0  # T in c = softmax(r / (T·L))[best]
+    confidence_length_normalize: bool = True  # L = |y*| + 1 (per token) instead of 1
+    ranker: str = "llm"  # llm: κ·a + λ·l; acoustic: κ·a alone (greedy self-training, no LLM)
+    source: str = "clean"  # clean: N-best of an un-augmented no-grad pass; train: of the training pass
     labelled: bool = True  # train on rows with a transcript
     unlabelled: bool = False  # train on rows without one (semi-supervised)
 
@@ -96,6 +141,10 @@ class LlmPseudoLabelConfig(SearchConfig):
         check_choice(self.loss, f"{key}.loss", LOSSES)
         check_number(self.margin, f"{key}.margin", 0.0, 1000.0)
         check_number(self.confidence_threshold, f"{key}.confidence_threshold", 0.0, 1.0)
+        check_number(self.confidence_temperature, f"{key}.confidence_temperature", 0.0, 1000.0, low_open=True)
+        check_bool(self.confidence_length_normalize, f"{key}.confidence_length_normalize")
+        check_choice(self.ranker, f"{key}.ranker", RANKERS)
+        check_choice(self.source, f"{key}.source", SOURCES)
         check_bool(self.labelled, f"{key}.labelled")
         check_bool(self.unlabelled, f"{key}.unlabelled")
         if not (self.labelled or self.unlabelled):
@@ -104,7 +153,10 @@ class LlmPseudoLabelConfig(SearchConfig):
 
 @register_objective("llm_pseudo_label", LlmPseudoLabelConfig)
 def build_llm_pseudo_label(cfg: LlmPseudoLabelConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
-    require_llm(env, key)
+    if cfg.ranker == "llm":
+        require_llm(env, key)
     return [LlmPseudoLabel("llm_pseudo_label", settings=SearchSettings.read(cfg, key), loss=cfg.loss,
                            margin=float(cfg.margin), confidence_threshold=float(cfg.confidence_threshold),
-                           labelled=cfg.labelled, unlabelled=cfg.unlabelled, **cfg.schedule())]
+                           labelled=cfg.labelled, unlabelled=cfg.unlabelled, ranker=cfg.ranker, source=cfg.source,
+                           confidence_temperature=float(cfg.confidence_temperature),
+                           confidence_length_normalize=cfg.confidence_length_normalize, **cfg.schedule())]

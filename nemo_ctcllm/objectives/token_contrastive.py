@@ -61,34 +61,20 @@ no-grad target forwards (views B and A'). In eval mode (validation) nothing is a
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from nemo.collections.asr.modules import SpectrogramAugmentation
-from nemo.core.classes.mixins import AccessMixin
 
 from nemo_ctcllm.config import check_choice, check_int, check_number
 from nemo_ctcllm.objectives.base import Objective, ObjectiveConfig, ObjectiveEnv, StepContext, Stats, register_objective
+from nemo_ctcllm.objectives.shared.passes import access_disabled
 from nemo_ctcllm.objectives.shared.tensors import length_mask, masked_mean
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
-@contextmanager
-def access_disabled(guid: str) -> Iterator[None]:
-    """Run extra encoder passes with the model's AccessMixin capture (``env.model_guid``) off, restored
-    afterwards: nothing is registered into the InterCTC capture registry and self-conditioning hooks stash
-    nothing."""
-    was_enabled = AccessMixin.is_access_enabled(guid)
-    AccessMixin.set_access_enabled(access_enabled=False, guid=guid)
-    try:
-        yield
-    finally:
-        AccessMixin.set_access_enabled(access_enabled=was_enabled, guid=guid)
-
-
 def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A deep copy with ``requires_grad=False``, no forward/backward hooks and empty AccessMixin registries.
 
