@@ -236,6 +236,34 @@ def _sentence_order(pool: Sequence[str], seed: int, name: str) -> List[str]:
     return order
 
 
+def draw_job(rng: random.Random, split: str, index: int, engines: Dict[str, List[str]], sentence: str,
+             path: str) -> Job:
+    """One utterance: engine, voice, speed, pitch and level drawn from ``rng`` among ``engines`` (engine -> voices)."""
+    engine = _pick_engine(rng, engines)
+    voice = rng.choice(engines[engine])
+    sox_cents = 0
+    if engine == "espeak-ng":
+        speed = float(rng.randint(130, 210))
+        pitch = float(rng.randint(25, 75))
+    elif engine == "flite":
+        speed = round(rng.uniform(0.8, 1.25), 3)
+        factor = rng.uniform(0.8, 1.2)
+        base = FLITE_VOICES[voice]
+        if base is None:
+            pitch = 0.0
+            sox_cents = int(round(1200 * math.log2(factor)))
+        else:
+            pitch = round(base * factor, 1)
+    else:  # festival
+        speed = round(rng.uniform(0.85, 1.2), 3)
+        sox_cents = rng.randint(-200, 200)
+        pitch = 0.0
+    peak = round(rng.uniform(-12.0, -2.0), 2)
+    return Job(split=split, index=index, engine=engine, voice=voice, sentence=sentence,
+               text=normalize_text(sentence), speed=speed, pitch=pitch, sox_pitch_cents=sox_cents,
+               peak_dbfs=peak, path=path)
+
+
 def plan_corpus(
     out_dir: str,
     sizes: Dict[str, int],
@@ -263,33 +291,8 @@ def plan_corpus(
         jobs = []
         for i in range(n):
             rng = random.Random(f"demo-corpus:{seed}:{split}:{i}")
-            engines = inventory[split]
-            engine = _pick_engine(rng, engines)
-            voice = rng.choice(engines[engine])
-            sox_cents = 0
-            if engine == "espeak-ng":
-                speed = float(rng.randint(130, 210))
-                pitch = float(rng.randint(25, 75))
-            elif engine == "flite":
-                speed = round(rng.uniform(0.8, 1.25), 3)
-                factor = rng.uniform(0.8, 1.2)
-                base = FLITE_VOICES[voice]
-                if base is None:
-                    pitch = 0.0
-                    sox_cents = int(round(1200 * math.log2(factor)))
-                else:
-                    pitch = round(base * factor, 1)
-            else:  # festival
-                speed = round(rng.uniform(0.85, 1.2), 3)
-                sox_cents = rng.randint(-200, 200)
-                pitch = 0.0
-            peak = round(rng.uniform(-12.0, -2.0), 2)
-            sentence = order[i % len(order)]
-            jobs.append(Job(
-                split=split, index=i, engine=engine, voice=voice, sentence=sentence,
-                text=normalize_text(sentence), speed=speed, pitch=pitch, sox_pitch_cents=sox_cents,
-                peak_dbfs=peak, path=os.path.join(out_dir, "wavs", split, f"{split}_{i:06d}.wav"),
-            ))
+            path = os.path.join(out_dir, "wavs", split, f"{split}_{i:06d}.wav")
+            jobs.append(draw_job(rng, split, i, inventory[split], order[i % len(order)], path))
         plan[split] = jobs
     return plan
 
@@ -474,6 +477,44 @@ def _chunks(jobs: List[Job], size: int) -> List[List[Job]]:
     return out
 
 
+def render_jobs(all_jobs: List[Job], workers: int = 2, progress: bool = True) -> Dict[tuple, float]:
+    """Synthesise every job's wav; returns {(split, index): duration in seconds}."""
+    chunks = _chunks(all_jobs, size=8)
+    durations: Dict[tuple, float] = {}
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(all_jobs), desc="demo corpus", unit="utt")
+        except ImportError:  # pragma: no cover
+            bar = None
+    key_of = {id(j): (j.split, j.index) for j in all_jobs}
+    try:
+        if workers <= 1:
+            for ch in chunks:
+                for j, r in zip(ch, _render_chunk(ch)):
+                    durations[key_of[id(j)]] = r["duration"]
+                if bar:
+                    bar.update(len(ch))
+        else:
+            # The heavy lifting happens in child processes (espeak-ng/flite/festival + sox), so a
+            # thread pool gives `workers` truly parallel pipelines without forking the (possibly
+            # torch-loaded) parent interpreter.
+            with cf.ThreadPoolExecutor(max_workers=workers) as ex:
+                futs = {ex.submit(_render_chunk, ch): ch for ch in chunks}
+                for fut in cf.as_completed(futs):
+                    ch = futs[fut]
+                    for j, r in zip(ch, fut.result()):
+                        durations[key_of[id(j)]] = r["duration"]
+                    if bar:
+                        bar.update(len(ch))
+    finally:
+        if bar:
+            bar.close()
+    return durations
+
+
 def _existing_is_complete(out_dir: str, params: dict) -> bool:
     p = os.path.join(out_dir, "params.json")
     if not os.path.exists(p):
@@ -566,40 +607,7 @@ def make_demo_corpus(
             shutil.rmtree(d)
         os.makedirs(d, exist_ok=True)
 
-    all_jobs = [j for split in SPLITS for j in plan[split]]
-    chunks = _chunks(all_jobs, size=8)
-    durations: Dict[tuple, float] = {}
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(all_jobs), desc="demo corpus", unit="utt")
-        except ImportError:  # pragma: no cover
-            bar = None
-    key_of = {id(j): (j.split, j.index) for j in all_jobs}
-    try:
-        if workers <= 1:
-            for ch in chunks:
-                for j, r in zip(ch, _render_chunk(ch)):
-                    durations[key_of[id(j)]] = r["duration"]
-                if bar:
-                    bar.update(len(ch))
-        else:
-            # The heavy lifting happens in child processes (espeak-ng/flite/festival + sox), so a
-            # thread pool gives `workers` truly parallel pipelines without forking the (possibly
-            # torch-loaded) parent interpreter.
-            with cf.ThreadPoolExecutor(max_workers=workers) as ex:
-                futs = {ex.submit(_render_chunk, ch): ch for ch in chunks}
-                for fut in cf.as_completed(futs):
-                    ch = futs[fut]
-                    for j, r in zip(ch, fut.result()):
-                        durations[key_of[id(j)]] = r["duration"]
-                    if bar:
-                        bar.update(len(ch))
-    finally:
-        if bar:
-            bar.close()
+    durations = render_jobs([j for split in SPLITS for j in plan[split]], workers, progress)
 
     stats = {"splits": {}, "total": {}}
     for split in SPLITS:
