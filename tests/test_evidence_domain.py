@@ -1,7 +1,6 @@
 """The target-domain builder of issue 22 (benchmarks.evidence.domain): the unseen-word rate, splits disjoint
 from each other and from the base's sentences, unlabelled manifests without text, seen/unseen voice groups."""
 import json
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,7 @@ from benchmarks.evidence.domain import (
     parse_sizes,
     select_domain,
 )
-from nemo_ctcllm.data.demo import normalize_text, voice_inventory
+from demo.corpus import normalize_text, voice_inventory
 
 BASE = {"train_texts": {"the cat sat on the mat", "a dog ran"}, "used_texts": {"the cat sat on the mat", "a dog ran",
                                                                                "a dog sat"}}
@@ -47,7 +46,8 @@ def test_selection_by_hand():
 
 def test_base_from_manifests_needs_transcripts(tmp_path):
     m = tmp_path / "train_manifest.json"
-    m.write_text(json.dumps({"audio_filepath": "a.wav", "text": "the cat"}) + "\n" + json.dumps({"audio_filepath": "b.wav"}) + "\n")
+    lines = [{"audio_filepath": "a.wav", "text": "the cat"}, {"audio_filepath": "b.wav"}]
+    m.write_text("".join(json.dumps(x) + "\n" for x in lines))
     with pytest.raises(DomainError, match=r"train_manifest.json: line\(s\) \[2\] have no 'text'"):
         base_from_manifests(str(m))
 

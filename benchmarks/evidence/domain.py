@@ -1,7 +1,7 @@
 """The target domain of issue 22: held-out sentences whose words the base has mostly not heard.
 
-Text: the shipped WordNet 3.0 example sentences (``nemo_ctcllm/data/sentences.txt``, WordNet 3.0 licence in
-``nemo_ctcllm/data/LICENSE.wordnet``). A sentence is a candidate when the base's corpus (every split of the
+Text: the shipped WordNet 3.0 example sentences (``demo/sentences.txt``, WordNet 3.0 licence in
+``demo/LICENSE.wordnet``). A sentence is a candidate when the base's corpus (every split of the
 demo corpus it was trained on) does not use it; its *unseen share* is the fraction of its word tokens that
 never occur in the base's training transcripts. Candidates with an unseen share >= ``min_unseen`` are
 eligible; they are shuffled by a fixed seed and dealt in this order into
@@ -13,7 +13,7 @@ so the splits are disjoint from each other and from the base's sentences, and al
 distribution. When fewer sentences are eligible than asked for, the builder says so and stops (lower
 ``min_unseen`` or the sizes); it never pads a split with sentences of a lower unseen share.
 
-Audio: the demo corpus's synthesis (:func:`nemo_ctcllm.data.demo.draw_job`, :func:`~nemo_ctcllm.data.demo.render_jobs`).
+Audio: the demo corpus's synthesis (:func:`demo.corpus.draw_job`, :func:`demo.corpus.render_jobs`).
 ``adapt``, ``unlabelled``, ``dev`` and ``test_seen`` use the voices the base was trained on (so the test
 isolates language); ``test_unseen`` speaks the same test sentences in the demo's unseen test voices.
 
@@ -31,7 +31,7 @@ import random
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from benchmarks.evidence.stats import unseen_token_rate, vocabulary
-from nemo_ctcllm.data.demo import (
+from demo.corpus import (
     SENTENCES_PATH,
     SPLITS as DEMO_SPLITS,
     check_engines,
@@ -164,7 +164,8 @@ def build_domain(out_dir: str, base: Mapping[str, set], sizes: Mapping[str, int]
             path = os.path.join(out_dir, f"{split}_manifest.json")
             with open(path, "w", encoding="utf-8", newline="\n") as f:
                 for j in mine:
-                    entry = {"audio_filepath": os.path.relpath(j.path, out_dir), "duration": durations[(split, j.index)],
+                    entry = {"audio_filepath": os.path.relpath(j.path, out_dir),
+                             "duration": durations[(split, j.index)],
                              "engine": j.engine, "voice": j.voice, "speaker": j.speaker,
                              "voice_group": AUDIO_SOURCE[split][1]}
                     if split != "unlabelled":  # audio only: no transcript, not even the sentence
@@ -200,7 +201,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     src.add_argument("--base-demo-train", type=int, default=DEMO_BASE_SIZES["train"],
                      help="otherwise: the planned demo corpus with this many training utterances (no audio needed)")
     ap.add_argument("--base-demo-seed", type=int, default=0)
-    ap.add_argument("--sizes", default="", help="e.g. test=500,dev=300,adapt=500,unlabelled=5000 (these are the defaults)")
+    ap.add_argument("--sizes", default="",
+                    help="e.g. test=500,dev=300,adapt=500,unlabelled=5000 (these are the defaults)")
     ap.add_argument("--min-unseen", type=float, default=0.25, help="eligible: at least this share of unseen words")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-audio", action="store_true", help="select and measure only")

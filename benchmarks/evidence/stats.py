@@ -70,7 +70,8 @@ def paired_summary(control: Mapping[int, float], arm: Mapping[int, float], confi
     mean = sum(d) / n
     control_mean = sum(float(control[s]) for s in seeds) / n
     if control_mean <= 0:
-        raise ValueError(f"the control's mean WER on seeds {list(seeds)} is {control_mean}; a relative effect needs > 0")
+        raise ValueError(f"the control's mean WER on seeds {list(seeds)} is {control_mean}; "
+                         "a relative effect needs > 0")
     sd = lo = hi = rlo = rhi = None
     if n > 1:
         sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
