@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks.evidence.stats import (
     llm_gain_captured,
+    paired_table,
     paired_summary,
     t_quantile,
     unseen_token_rate,
@@ -66,3 +67,14 @@ def test_unseen_word_recall_by_hand():
     assert math.isclose(unseen_token_rate(["the cat"], seen), 0.0)
     with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
         word_recall(refs, hyps[:1], seen)
+
+
+def test_paired_table():
+    table = paired_table({"control": {0: 10.0, 1: 12.0, 2: 11.0}, "pl": {0: 9.0, 1: 11.5, 2: 9.5},
+                          "one": {0: 10.5}}, control="control")
+    rows = table.splitlines()
+    assert rows[0].startswith("| arm | seeds | control | arm | difference (points), 95 % CI")
+    assert rows[2] == "| one | 1 | 10.00 | 10.50 | +0.50 (one seed: no interval) | +5.0 % |"
+    assert rows[3] == "| pl | 3 | 11.00 | 10.00 | -1.00 [-2.24, +0.24] | -9.1 % [-20.4, +2.2] |"
+    with pytest.raises(ValueError, match="no control run 'ctl'"):
+        paired_table({"control": {0: 1.0}}, control="ctl")

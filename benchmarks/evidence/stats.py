@@ -120,3 +120,23 @@ def unseen_token_rate(texts: Iterable[str], seen: set) -> float:
     """Share of the word tokens of ``texts`` that are not in ``seen`` (0 for no token)."""
     words = [w for t in texts for w in t.split()]
     return sum(w not in seen for w in words) / len(words) if words else 0.0
+
+
+def paired_table(wers: Mapping[str, Mapping[int, float]], control: str, confidence: float = 0.95) -> str:
+    """A markdown table of every arm against ``control`` ({arm: {seed: WER in %}}): seeds, the control's and the
+    arm's mean on the common seeds, the mean paired difference with its CI, and the relative effect with its CI."""
+    if control not in wers:
+        raise ValueError(f"no control run {control!r} among {sorted(wers)}")
+    pct = int(round(confidence * 100))
+    lines = [f"| arm | seeds | control | arm | difference (points), {pct} % CI | relative, {pct} % CI |",
+             "|---|---|---|---|---|---|"]
+    for arm in sorted(a for a in wers if a != control):
+        s = paired_summary(wers[control], wers[arm], confidence)
+        arm_mean = s.control_mean + s.mean
+        if s.ci_low is None:
+            diff, rel = f"{s.mean:+.2f} (one seed: no interval)", f"{100 * s.relative:+.1f} %"
+        else:
+            diff = f"{s.mean:+.2f} [{s.ci_low:+.2f}, {s.ci_high:+.2f}]"
+            rel = f"{100 * s.relative:+.1f} % [{100 * s.relative_ci_low:+.1f}, {100 * s.relative_ci_high:+.1f}]"
+        lines.append(f"| {arm} | {len(s.seeds)} | {s.control_mean:.2f} | {arm_mean:.2f} | {diff} | {rel} |")
+    return "\n".join(lines) + "\n"
