@@ -61,3 +61,23 @@ demo: install
 # LLM_TEST_TP3=1 adds the real SmolLM2 at tensor-parallel size 3 (3 processes, ~25 s on 2 cores).
 test: install
 	LLM_TEST_TP3=1 $(PYTHON) -m pytest -q tests
+
+# The wheels that scripts/gpu_check.py needs on a bare GPU machine (Python 3.12, x86-64; torch, lightning,
+# transformers, safetensors, sentencepiece, tensorboard already there; no registry), into .whl/ for the
+# device call to carry (<= 64 MiB; docs/scale.md lists them with their sizes). lightning 2.4.0 because NeMo 3.0
+# needs <= 2.4.0. antlr4-python3-runtime 4.9.3 (omegaconf's pin) is an sdist on PyPI: built here, pure Python.
+GPU_WHEELS = nemo_toolkit==3.0.0 megatron-core==0.16.1 hydra-core==1.3.2 omegaconf==2.3.0 lightning==2.4.0 \
+  lhotse==1.33.0 onnx==1.23.2 ml_dtypes==0.7.0 wrapt==2.1.2 nv-one-logger-core==2.3.1 \
+  nv-one-logger-training-telemetry==2.3.1 nv-one-logger-pytorch-lightning-integration==2.3.1 StrEnum==0.4.15 \
+  overrides==7.7.0 toml==0.10.2 einops==0.8.2 soundfile==0.14.0 cffi==2.0.0 cytoolz==1.2.0 toolz==1.2.0 \
+  intervaltree==3.2.1 sortedcontainers==2.4.0 urllib3==2.8.0 pytest==9.0.3 pluggy==1.6.0 iniconfig==2.3.0
+GPU_WHEEL_TARGET = --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any
+
+.PHONY: gpu-wheels
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps $(GPU_WHEEL_TARGET) -d .whl $(GPU_WHEELS)
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	@ls -l .whl/*.whl | awk '{ s += $$5; printf "%9.2f MiB  %s\n", $$5 / 2^20, $$9 } \
+	  END { printf "%9.2f MiB  in all\n", s / 2^20; if (s > 64 * 2^20) { print "over 64 MiB"; exit 1 } }'
