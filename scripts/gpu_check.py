@@ -67,7 +67,7 @@ TINY_LLAMA3 = dict(TINY, rope_scaling=LLAMA_32_1B["rope_scaling"])
 
 
 def sentences() -> list[str]:
-    lines = (REPO / "nemo_ctcllm" / "data" / "sentences.txt").read_text().splitlines()
+    lines = (REPO / "demo" / "sentences.txt").read_text().splitlines()
     return [s for s in lines if s.strip() and not s.startswith("#")]
 
 
@@ -112,7 +112,7 @@ def write_random_llama(folder: Path, shape: dict, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    if (folder / "config.json").is_file():
+    if (folder / "tokenizer.json").is_file():  # written last: the folder is complete
         return folder
     torch.manual_seed(seed)
     cfg = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -272,11 +272,11 @@ def audio_manifest(audio_dir: Path, out: Path) -> Path:
 
 
 def make_audio(folder: Path, count: int = 32) -> None:
-    """Synthesise ``count`` demo utterances (espeak-ng/flite, nemo_ctcllm.data.demo) into ``folder`` with a
-    manifest.json whose paths are relative to it."""
+    """Synthesise ``count`` demo utterances (espeak-ng/flite) into ``folder`` with a
+    manifest.json whose paths are relative to it (demo/corpus.py)."""
     import shutil
 
-    from nemo_ctcllm.data.demo import make_demo_corpus
+    from demo.corpus import make_demo_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         manifests = make_demo_corpus(tmp, num_train=count, num_dev=2, num_test=2, num_test_unseen_engine=2, seed=0,
@@ -379,10 +379,13 @@ def part_train(args, work: Path) -> dict:
             "last_loss": stats.losses[-1] if stats.losses else None, "overrides": overrides}
 
 
+CUDA_BRANCH = re.compile(r"^\s*(if|@pytest\.mark\.skipif\()\s*.*torch\.cuda\.is_available\(\)", re.M)
+
+
 def cuda_test_modules() -> list[str]:
-    """Test modules whose behaviour depends on CUDA being present (they skip or branch on it)."""
+    """Test modules whose behaviour depends on CUDA being present (an ``if`` or ``skipif`` on it)."""
     return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
-                  if "torch.cuda.is_available()" in p.read_text())
+                  if CUDA_BRANCH.search(p.read_text()))
 
 
 def part_tests(args, work: Path) -> dict:
