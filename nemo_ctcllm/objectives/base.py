@@ -278,11 +278,11 @@ def build_objectives(
         key = f"model.objectives.{name}"
         builder, schema = _REGISTRY[name]
         block = read_dataclass(user.get(name), schema, key)
-        block.check(key, env)
         if name == "ctc_final" and not block.enabled:
             raise ConfigError(f"{key}.enabled: the final CTC head is the model; set {key}.weight: 0 instead")
         if not block.enabled:
-            continue
+            continue  # its keys' types are read above; its resources (e.g. mlm.model_dir) are not required
+        block.check(key, env)
         if getattr(block, "llm_hidden_size", 0) is None:
             block = dataclasses.replace(block, llm_hidden_size=env.llm_hidden_size(key))
             filled[name] = {"llm_hidden_size": block.llm_hidden_size}
