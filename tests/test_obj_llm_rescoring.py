@@ -73,8 +73,8 @@ def test_every_n_steps(tokenizer_dir, tiny_llm, llm_process_group):
         model._trainer = types.SimpleNamespace(global_step=step)
         _, logs = compose_loss(model.objectives, dataclasses.replace(ctx, cache={}), step=step, prefix="train")
         assert ("train/llm_rescoring" in logs) == ("train/llm_rescoring_expected_risk" in logs) == runs, step
-    model.eval()  # validation: every time
-    _, logs = compose_loss(model.objectives, dataclasses.replace(ctx, cache={}), step=1, prefix="val")
+    model.eval()  # validation (a context built in eval mode): every time
+    _, logs = compose_loss(model.objectives, dataclasses.replace(ctx, cache={}, training=False), step=1, prefix="val")
     assert "val/llm_rescoring_expected_risk" in logs
 
 

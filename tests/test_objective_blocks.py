@@ -19,8 +19,8 @@ RECIPE_CHOICES = {
     ("interctc", "weights"): "one weight per recipe block",
     ("llm_prefix_clm", "blocks"): "a connector after blocks 6, 12 and 18 of the recipe's encoder",
     ("llm_prefix_clm", "weights"): "one weight per recipe block",
-    ("llm_prefix_clm", "stack"): "8 frames per prompt vector for the recipe's 40 ms frames (the default 4 keeps "
-                                 "short utterances of small test models above one vector)",
+    ("llm_prefix_clm", "stack"): "the recipe stacks 8 frames per prompt vector; the declared default 4 is kept so "
+                                 "that a block without the key builds as before",
     ("llm_lm_loss", "instruction"): "'Repeat:' separates right from wrong hypotheses better than '' on SmolLM2 "
                                     "(measured; the YAML comment says so); the default adds no text",
 }

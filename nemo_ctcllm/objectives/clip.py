@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from nemo_ctcllm.config import check_choice
-from nemo_ctcllm.objectives.base import ObjectiveEnv, Objective, StepContext, Stats, register_objective
+from nemo_ctcllm.objectives.base import Objective, ObjectiveEnv, Stats, StepContext, register_objective
 from nemo_ctcllm.objectives.shared.contrastive import ContrastiveConfig, TwoTowerInfoNCE
 from nemo_ctcllm.objectives.shared.tensors import length_mask, masked_mean, transcripts
 

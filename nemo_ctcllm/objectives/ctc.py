@@ -28,8 +28,8 @@ from nemo_ctcllm.objectives.base import (
     Objective,
     ObjectiveConfig,
     ObjectiveEnv,
-    StepContext,
     Stats,
+    StepContext,
     register_objective,
 )
 from nemo_ctcllm.objectives.shared.checks import check_block_weights, check_blocks, encoder_depth

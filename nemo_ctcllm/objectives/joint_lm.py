@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_ctcllm.config import ConfigError, check_int, check_number
-from nemo_ctcllm.objectives.base import Objective, ObjectiveConfig, ObjectiveEnv, StepContext, Stats, register_objective
+from nemo_ctcllm.objectives.base import Objective, ObjectiveConfig, ObjectiveEnv, Stats, StepContext, register_objective
 from nemo_ctcllm.objectives.shared.tensors import length_mask, masked_mean
 
 

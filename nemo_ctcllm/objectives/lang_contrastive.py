@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from nemo_ctcllm.llm.tp import gather_llm_inputs, mean_grad_over_tp
-from nemo_ctcllm.objectives.base import ObjectiveEnv, StepContext, Stats, register_objective
+from nemo_ctcllm.objectives.base import ObjectiveEnv, Stats, StepContext, register_objective
 from nemo_ctcllm.objectives.shared.bridge import BridgeConfig, SoftHypothesis, SoftText
 from nemo_ctcllm.objectives.shared.contrastive import ContrastiveConfig, TwoTowerInfoNCE
 from nemo_ctcllm.objectives.shared.tensors import transcripts

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nemo_ctcllm.config import check_choice, check_int, check_str
-from nemo_ctcllm.objectives.base import ObjectiveConfig, ObjectiveEnv, Objective, StepContext, Stats, register_objective
+from nemo_ctcllm.objectives.base import Objective, ObjectiveConfig, ObjectiveEnv, Stats, StepContext, register_objective
 from nemo_ctcllm.objectives.shared.checks import (
     check_block_weights,
     check_blocks,

@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
 from nemo_ctcllm.config import ConfigError, check_bool, check_number

@@ -5,8 +5,8 @@ Two views of one utterance that keep frame alignment:
 * view A is the model's own training forward, ``ctx.encoded`` [B, D, T] (SpecAugment'ed by the model when
   it trains);
 * view B is a second pass: the model's preprocessor (``ctx.env.preprocessor``) on ``ctx.signal`` (plus Gaussian
-  noise at ``noise_snr_db`` when set), then this block's own ``SpectrogramAugmentation`` (its own mask settings, so the views differ),
-  then the encoder.
+  noise at ``noise_snr_db`` when set), then this block's own ``SpectrogramAugmentation`` (its own mask settings,
+  so the views differ), then the encoder.
 
 Time/frequency masks and additive noise move no frame, so frame t of view A and frame t of view B are a
 positive pair (valid frames t < encoded_len only).
@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from nemo.collections.asr.modules import SpectrogramAugmentation
 
 from nemo_ctcllm.config import check_choice, check_int, check_number
-from nemo_ctcllm.objectives.base import Objective, ObjectiveConfig, ObjectiveEnv, StepContext, Stats, register_objective
+from nemo_ctcllm.objectives.base import Objective, ObjectiveConfig, ObjectiveEnv, Stats, StepContext, register_objective
 from nemo_ctcllm.objectives.shared.passes import access_disabled
 from nemo_ctcllm.objectives.shared.tensors import length_mask, masked_mean
 
