@@ -272,6 +272,19 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         if loop is not None and getattr(loop, "_batches_that_stepped", None) is not None:
             loop._batches_that_stepped = max(loop._batches_that_stepped, self.trainer.global_step)
 
+    def on_train_end(self):
+        """Stop lhotse's background bucketing thread: training that stops mid-epoch would leave it running and
+        the process would never exit (``nemo_ctcllm.data.resumable.stop_loader_threads``)."""
+        super().on_train_end()
+        self.stop_loader_threads()
+
+    def stop_loader_threads(self) -> None:
+        from nemo_ctcllm.data.resumable import stop_loader_threads
+
+        trainer = self._trainer
+        loaders = [getattr(self, "_train_dl", None), getattr(trainer, "train_dataloader", None) if trainer else None]
+        stop_loader_threads(*[dl for dl in loaders if dl is not None])
+
     @property
     def optimizer_updates(self) -> int:
         """Optimizer steps that changed the weights: ``global_step`` minus the skipped non-finite steps."""
