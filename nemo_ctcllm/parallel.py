@@ -39,7 +39,8 @@ def check_layout(world_size: int, tp_size: int, trainer_cfg: DictConfig) -> None
     if expected is not None and expected != world_size:
         raise ConfigError(
             f"trainer.devices x trainer.num_nodes = {expected} but the job has {world_size} process(es); "
-            "launch with `torchrun --nproc_per_node <trainer.devices> --nnodes <trainer.num_nodes> scripts/train.py ...`"
+            "launch with `torchrun --nproc_per_node <trainer.devices> --nnodes <trainer.num_nodes> "
+            "scripts/train.py ...`"
         )
     if world_size % tp_size != 0:
         raise ConfigError(

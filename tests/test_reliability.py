@@ -300,8 +300,8 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(demo_corpus
         cfg.exp_manager.update({"exp_dir": str(tmp_path / exp), "resume_if_exists": True,
                                 "resume_ignore_no_checkpoint": True})
         cfg.exp_manager.checkpoint_callback_params.update(
-            {"every_n_train_steps": 4, "every_n_epochs": None, "save_top_k": -1, "always_save_nemo": False, "monitor": "step",
-             "mode": "max", "save_last": True})
+            {"every_n_train_steps": 4, "every_n_epochs": None, "save_top_k": -1, "always_save_nemo": False,
+             "monitor": "step", "mode": "max", "save_last": True})
         return cfg
 
     _run_train(cfg_for("straight"), tmp_path, "straight")

@@ -213,6 +213,9 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         compute_wer = (batch_nb + 1) % log_every_n_steps == 0
         ctx = self.step_context(batch, compute_wer=compute_wer)
         loss, logs = compose_loss(self.objectives, ctx, step=self.global_step, prefix="train")
+        if self.semi_supervised:  # a rank whose rows are all unlabelled runs no CTC head: keep every parameter in
+            trainable = [p.sum() for p in self.parameters() if p.requires_grad]  # its graph for DDP (zero grad)
+            loss = loss + 0.0 * torch.stack(trainable).sum()
         loss = self._guard_non_finite(loss, logs, ctx, batch_nb)
         logs = {k: v for k, v in logs.items() if not k.endswith(("_wer_num", "_wer_denom"))}
         logs.update(
@@ -255,9 +258,10 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         where = f"step {self.global_step}, " + _per_rank(batch if bool(local.any()) else None)
         cfg = self._bad_steps
         if not cfg["skip"] or self._consecutive_bad >= cfg["max_consecutive"]:
+            limit = f"model.bad_steps.max_consecutive={cfg['max_consecutive']}"
             why = (
                 "model.bad_steps.skip is false" if not cfg["skip"]
-                else f"{self._consecutive_bad} consecutive steps (model.bad_steps.max_consecutive={cfg['max_consecutive']})"
+                else f"{self._consecutive_bad} consecutive steps ({limit})"
             )
             raise NonFiniteLossError(
                 f"non-finite loss in term(s) {bad} at {where}; stopping: {why}. "
