@@ -113,8 +113,7 @@ class TwoTowerInfoNCE(Objective):
         logits_a2t = (scale * a @ t_all.T).masked_fill(same_text, float("-inf"))  # [b, N]
         logits_t2a = (scale * t @ a_all.T).masked_fill(same_text, float("-inf"))  # [b, N]
         if a.shape[0] == 0:  # no query row on this rank: zero, in the graph of the gathered rows (whose backward
-            loss = 0.0 * (logits_a2t.sum() + logits_t2a.sum())  # all-reduce every rank runs)
-        else:
-            loss = 0.5 * (F.cross_entropy(logits_a2t, target) + F.cross_entropy(logits_t2a, target))
+            return 0.0 * (logits_a2t.sum() + logits_t2a.sum()), {}  # all-reduce every rank runs)
+        loss = 0.5 * (F.cross_entropy(logits_a2t, target) + F.cross_entropy(logits_t2a, target))
         acc = (logits_a2t.argmax(-1) == target).float().mean()
         return loss, {"acc": acc.detach(), "temperature": (1.0 / scale).detach()}
