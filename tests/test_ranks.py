@@ -22,14 +22,17 @@ def _run(mode, tmp_path, demo_corpus, tokenizer_dir, llm=None):
 
 
 def _same_on_every_rank(ranks, case):
-    """The replicas after a case: same step, counters, optimizer state, parameters and buffers, bit for bit."""
+    """The replicas after a case: same step, counters, optimizer state, parameters (the BYOL target among them)
+    and buffers, bit for bit. BatchNorm running statistics are the exception DDP makes on purpose: it broadcasts
+    rank 0's at every forward, then each rank updates them with its own batch."""
     first, second = ranks[0][case], ranks[1][case]
     for key in ("global_step", "skipped", "updates", "adam_steps", "error"):
         assert first.get(key) == second.get(key), (case, key, first.get(key), second.get(key))
     for kind in ("params", "buffers"):
         assert first[kind].keys() == second[kind].keys()
         for name, value in first[kind].items():
-            assert torch.equal(value, second[kind][name]), (case, name)
+            if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                assert torch.equal(value, second[kind][name]), (case, name)
     assert all(torch.isfinite(p).all() for p in first["params"].values()), case
     return first
 
