@@ -39,7 +39,8 @@ def check_layout(world_size: int, tp_size: int, trainer_cfg: DictConfig) -> None
     if expected is not None and expected != world_size:
         raise ConfigError(
             f"trainer.devices x trainer.num_nodes = {expected} but the job has {world_size} process(es); "
-            "launch with `torchrun --nproc_per_node <trainer.devices> --nnodes <trainer.num_nodes> scripts/train.py ...`"
+            "launch with `torchrun --nproc_per_node <trainer.devices> --nnodes <trainer.num_nodes> "
+            "scripts/train.py ...`"
         )
     if world_size % tp_size != 0:
         raise ConfigError(
@@ -49,14 +50,22 @@ def check_layout(world_size: int, tp_size: int, trainer_cfg: DictConfig) -> None
 
 
 def init_parallel(cfg: DictConfig) -> None:
-    """Initialise torch.distributed and megatron parallel_state when the model has an LLM."""
+    """Check the job's layout, then initialise torch.distributed and megatron parallel_state when the model has an
+    LLM.
+
+    The check reads only the config and the launcher's ``WORLD_SIZE``, so under torchrun every rank refuses a
+    mismatch alike, before any process group exists (no rank is left waiting for the others). Without a
+    launcher and without an LLM, Lightning starts the ``trainer.devices`` processes itself (no check needed).
+    """
     llm = read_llm_block(cfg.model.get("llm"))
-    if not llm["checkpoint"]:
+    has_llm = bool(llm["checkpoint"])
+    launched = "WORLD_SIZE" in os.environ  # torchrun, Slurm via Lightning, or a process Lightning started
+    if not (has_llm or launched):
         return
-    tp = llm["tensor_model_parallel_size"]
+    tp = llm["tensor_model_parallel_size"] if has_llm else 1
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(world, tp, cfg.trainer)
-    if world == 1:
+    if not has_llm or world == 1:
         return  # the LLM host creates a single-process group itself when it is first built
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -36,7 +36,10 @@ def main(cfg):
     for logger in trainer.loggers:
         logger.log_metrics({f"data/{k}": float(v) for k, v in counts.items()}, step=0)
     model.maybe_init_from_pretrained_checkpoint(cfg)
-    trainer.fit(model)
+    try:
+        trainer.fit(model)
+    finally:  # also when training fails: a loader thread left running would keep the process alive
+        model.stop_loader_threads()
     if cfg.model.get("test_ds") is not None and cfg.model.test_ds.get("manifest_filepath"):
         if model.prepare_test(trainer):
             # test the weights just trained: after a resume, trainer.ckpt_path still names the checkpoint the run

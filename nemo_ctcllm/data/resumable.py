@@ -113,3 +113,33 @@ def make_resumable(loader, seed: int):
             "resumed run continues at the same batch count but in another order; set it to an integer"
         )
     return loader
+
+
+def stop_loader_threads(*loaders) -> int:
+    """Stop the background bucketing thread of every lhotse sampler behind ``loaders`` (returns how many ran).
+
+    With ``concurrent_bucketing: true`` lhotse's ``DynamicBucketer`` fills its buckets from a non-daemon thread
+    that sleeps while they are full and ends only when the data source is exhausted or the bucketer's iterator
+    is finished. Training stopped mid-epoch (max_steps, max_time, an error) leaves that iterator suspended, and
+    the interpreter then waits for the thread forever at exit. Closing the suspended iterator (the sampler's
+    ``cuts_iter`` generator) runs lhotse's own clean-up, which tells the thread to stop and joins it. A later
+    epoch re-creates the iterator, so this is safe to call at any point after training.
+    """
+    import inspect
+
+    stopped = 0
+    seen = set()
+    todo = [getattr(dl, "sampler", None) for dl in loaders]
+    while todo:
+        sampler = todo.pop()
+        if sampler is None or id(sampler) in seen:
+            continue
+        seen.add(id(sampler))
+        todo += list(getattr(sampler, "samplers", None) or [])  # lhotse's zip / round-robin samplers
+        todo.append(getattr(sampler, "inner", None))  # _SkipFirst
+        cuts_iter = getattr(sampler, "cuts_iter", None)
+        if inspect.isgenerator(cuts_iter) and inspect.getgeneratorstate(cuts_iter) != inspect.GEN_CLOSED:
+            running = inspect.getgeneratorstate(cuts_iter) == inspect.GEN_SUSPENDED
+            cuts_iter.close()  # GeneratorExit at its yield: lhotse's `finally` stops and joins the producer
+            stopped += int(running)
+    return stopped

@@ -190,3 +190,13 @@ def mean_grad_over_tp(x: Tensor, g: Optional[Group] = None) -> Tensor:
     if g.size == 1 or not (x.requires_grad and torch.is_grad_enabled()):
         return x
     return _MeanGrad.apply(x, g)
+
+
+def pad_rows(rows: List[Tensor], like: Tensor, value=0) -> Tensor:
+    """``pad_sequence(rows, batch_first=True)`` [b, L, ...]; with no row (a rank with nothing to feed), an empty
+    [0, 0, ...] tensor shaped and typed as ``like`` [b, P, ...] and, if ``like`` requires grad, in its graph, so
+    that :func:`gather_rows` still builds the differentiable gather whose backward all-reduce the peers run."""
+    if rows:
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
+    empty = like.new_full((0, 0) + tuple(like.shape[2:]), value)  # [0, 0, ...]
+    return empty + like.sum() * 0 if like.requires_grad else empty

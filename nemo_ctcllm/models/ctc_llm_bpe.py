@@ -213,6 +213,9 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         compute_wer = (batch_nb + 1) % log_every_n_steps == 0
         ctx = self.step_context(batch, compute_wer=compute_wer)
         loss, logs = compose_loss(self.objectives, ctx, step=self.global_step, prefix="train")
+        if self.semi_supervised:  # a rank whose rows are all unlabelled runs no CTC head: keep every parameter in
+            trainable = [p.sum() for p in self.parameters() if p.requires_grad]  # its graph for DDP (zero grad)
+            loss = loss + 0.0 * torch.stack(trainable).sum()
         loss = self._guard_non_finite(loss, logs, ctx, batch_nb)
         logs = {k: v for k, v in logs.items() if not k.endswith(("_wer_num", "_wer_denom"))}
         logs.update(
@@ -228,28 +231,37 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         return {"loss": loss, "log": logs}
 
     def _guard_non_finite(self, loss: torch.Tensor, logs: Dict[str, torch.Tensor], ctx: StepContext, batch_nb: int):
-        """A NaN/inf loss never reaches the weights: the step is marked for skipping and a zero loss with an
-        all-zero gradient (every trainable parameter takes part, so DDP's reducer stays in step) is returned.
-        ``on_before_optimizer_step`` then drops the gradients, so the optimizer (AdamW: no moment or weight-
-        decay update for parameters without a gradient) and an EMA target leave everything as it was."""
-        names = [n for n in self.objectives if f"train/{n}" in logs]  # terms skipped this step are not logged
-        finite = torch.isfinite(torch.stack([logs[f"train/{n}"].float() for n in names] or [loss.detach()]))
-        if bool(finite.all()) and bool(torch.isfinite(loss)):
+        """A NaN/inf loss never reaches the weights, and every rank takes the same decision before backward.
+
+        The non-finite terms are agreed over the whole world (one small all-reduce per step), so every rank
+        marks the step, counts it and stops (``NonFiniteLossError``, one message naming every rank's batch)
+        alike. The loss is returned unchanged: every rank back-propagates the same graph (the LLM's
+        tensor-parallel and DDP collectives run as on any step), and ``on_before_optimizer_step`` then drops
+        the gradients, so the optimizer (AdamW: no moment or weight-decay update for parameters without a
+        gradient) and an EMA target leave everything as it was."""
+        names = list(self.objectives)
+        values = [logs[f"train/{n}"].float().reshape(()) if f"train/{n}" in logs else None for n in names]
+        values = [v if v is not None else loss.new_zeros(()) for v in values] + [loss.detach().float().reshape(())]
+        local = ~torch.isfinite(torch.stack(values))  # [terms + 1]: this rank's non-finite terms, weighted sum
+        agreed = _all_ranks_max(local.float())
+        if not bool(agreed.any()):
             self._consecutive_bad = 0
             return loss
-        bad = [n for n, ok in zip(names, finite.tolist()) if not ok] or ["(weighted sum)"]
+        bad = [n for n, flag in zip(names, agreed.tolist()) if flag] or ["(weighted sum)"]
         self._skipped_steps += 1
         self._consecutive_bad += 1
         self._skip_this_step = True
-        where = (
-            f"step {self.global_step}, batch {batch_nb} ({ctx.signal.shape[0]} utterances, audio samples "
-            f"{ctx.signal_len.tolist()}, target lengths {ctx.target_len.tolist()})"
+        batch = (
+            f"batch {batch_nb} ({ctx.signal.shape[0]} utterances, audio samples {ctx.signal_len.tolist()}, "
+            f"target lengths {ctx.target_len.tolist()})"
         )
+        where = f"step {self.global_step}, " + _per_rank(batch if bool(local.any()) else None)
         cfg = self._bad_steps
         if not cfg["skip"] or self._consecutive_bad >= cfg["max_consecutive"]:
+            limit = f"model.bad_steps.max_consecutive={cfg['max_consecutive']}"
             why = (
                 "model.bad_steps.skip is false" if not cfg["skip"]
-                else f"{self._consecutive_bad} consecutive steps (model.bad_steps.max_consecutive={cfg['max_consecutive']})"
+                else f"{self._consecutive_bad} consecutive steps ({limit})"
             )
             raise NonFiniteLossError(
                 f"non-finite loss in term(s) {bad} at {where}; stopping: {why}. "
@@ -260,8 +272,7 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             f"non-finite loss in term(s) {bad} at {where}: step skipped "
             f"({self._skipped_steps} so far, {self._consecutive_bad} in a row)"
         )
-        zero = sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
-        return zero if torch.is_tensor(zero) else loss.new_zeros(())
+        return loss
 
     def on_train_start(self):
         """After a mid-epoch resume Lightning's logging step lags ``global_step`` by one (the checkpoint is
@@ -271,6 +282,19 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
         if loop is not None and getattr(loop, "_batches_that_stepped", None) is not None:
             loop._batches_that_stepped = max(loop._batches_that_stepped, self.trainer.global_step)
+
+    def on_train_end(self):
+        """Stop lhotse's background bucketing thread: training that stops mid-epoch would leave it running and
+        the process would never exit (``nemo_ctcllm.data.resumable.stop_loader_threads``)."""
+        super().on_train_end()
+        self.stop_loader_threads()
+
+    def stop_loader_threads(self) -> None:
+        from nemo_ctcllm.data.resumable import stop_loader_threads
+
+        trainer = self._trainer
+        loaders = [getattr(self, "_train_dl", None), getattr(trainer, "train_dataloader", None) if trainer else None]
+        stop_loader_threads(*[dl for dl in loaders if dl is not None])
 
     @property
     def optimizer_updates(self) -> int:
@@ -292,16 +316,11 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             _set_rng_states(state["rng"])
 
     def on_before_optimizer_step(self, optimizer):
-        """Drop the gradients of a step marked by ``_guard_non_finite`` (on every rank if any rank marked it)."""
-        skip = torch.tensor(float(self._skip_this_step))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            device = next(self.parameters()).device if torch.distributed.get_backend() == "nccl" else "cpu"
-            skip = skip.to(device)
-            torch.distributed.all_reduce(skip, op=torch.distributed.ReduceOp.MAX)
-        self._skip_this_step = False
-        if skip.item() > 0:
+        """Drop the gradients of a step marked by ``_guard_non_finite`` (marked on every rank alike)."""
+        if self._skip_this_step:
             for p in self.parameters():
                 p.grad = None
+        self._skip_this_step = False
         super().on_before_optimizer_step(optimizer)
 
     def validation_pass(self, batch, batch_idx, dataloader_idx=0):
@@ -404,6 +423,32 @@ def _set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_ranks_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of ``x`` over every rank (``x`` itself in a single process); returned on x's device."""
+    if _world() == 1:
+        return x
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    out = x.to(device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.to(x.device)
+
+
+def _per_rank(text: Optional[str]) -> str:
+    """``text`` of this rank; in a multi-process run every rank's (None: nothing to say), as one identical line
+    on every rank (a collective: call it on every rank)."""
+    if _world() == 1:
+        return text or ""
+    parts = [None] * _world()
+    torch.distributed.all_gather_object(parts, text)
+    return "; ".join(f"rank {r}: {t}" for r, t in enumerate(parts) if t is not None)
 
 
 def _check_llm_folder(checkpoint: str, tp: int) -> None:

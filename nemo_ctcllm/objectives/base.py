@@ -154,9 +154,11 @@ class Objective(torch.nn.Module):
     and is not logged). ``needed_at_inference`` marks modules that change the encoder's forward pass
     (self-conditioning) and must survive export. ``uses_unlabelled`` marks an objective that reads rows without
     a transcript (``ctx.labelled``); every other objective is handed the labelled rows only (see
-    :func:`compose_loss`). ``tp_collective`` marks an objective whose forward runs collectives of the LLM's
-    tensor-parallel group: it is called every step, also on a batch with no row for it (then it must return a
-    zero loss), so that the ranks of the group stay in step.
+    :func:`compose_loss`). ``tp_collective`` marks an objective whose forward or backward runs collectives
+    (the LLM's tensor-parallel group, or rows gathered over the data-parallel ranks): it is called every step on
+    every rank, also on a view with no row for it, and must then still take part in every collective and return a
+    finite loss in the graph of those collectives (the TP group's loss where all TP ranks back-propagate one
+    loss, a zero otherwise), so that no peer waits for this rank.
 
     Life-cycle hooks, called by the model (the defaults do nothing): :meth:`encoder_hooks` (installed once),
     :meth:`pop_stash` (after every encoder forward), :meth:`ctc_heads` (heads offered to other terms) and
@@ -311,9 +313,14 @@ def compose_loss(
 
     Labelled and unlabelled rows: a term with ``uses_unlabelled`` gets the whole batch; every other term gets
     :func:`labelled_view` (the batch itself when every row is labelled, so a labelled batch is computed exactly
-    as before). A term with no row to read this step is skipped (not logged; a ``tp_collective`` term is still
-    called, see :class:`Objective`), as is a term that returns ``(None, {})``; a skipped term adds
-    ``0 * sum(its parameters)`` so that data-parallel gradient reduction still sees every parameter.
+    as before). A term with no row to read this step is skipped (not logged), as is a term that returns
+    ``(None, {})``; a skipped term adds ``0 * sum(its parameters)`` so that data-parallel gradient reduction
+    still sees every parameter.
+
+    Every rank builds the same graph (multi-process training): which terms run depends only on the step (the
+    same on every rank); a ``tp_collective`` term runs also on a rank with no row for it, and its loss there is
+    added (so that its backward runs the same collectives as its peers') but not logged; a term at weight 0 is
+    added as ``0 * loss`` (its parameters get a zero gradient, so ``strategy: ddp`` finds none unused).
     Returns (total loss, logs).
     """
     total = ctx.log_probs.new_zeros(())
@@ -322,21 +329,22 @@ def compose_loss(
     if ctx.labelled is not None:
         logs[f"{prefix}/labelled_rows"] = ctx.labelled.sum().float()
     for name, term in terms.items():
+        empty = False
         if ctx.training and step % term.every_n_steps != 0:  # same step on every rank: TP groups stay in step
             loss, stats = None, {}
         else:
             view = ctx if term.uses_unlabelled else labelled
             empty = view.log_probs.shape[0] == 0  # no row for it: a collective term still runs
             loss, stats = term(view) if not empty or term.tp_collective else (None, {})
-            loss = None if empty else loss
         if loss is None:  # nothing this step (every_n_steps, no row, the term's own choice): not added, not logged
             params = [p.sum() for p in term.parameters() if p.requires_grad]
             if params:  # but every parameter stays in the graph for data-parallel gradient reduction
                 total = total + 0.0 * torch.stack(params).sum()
             continue
         w = term.effective_weight(step)
-        if w != 0.0:
-            total = total + w * loss
+        total = total + w * loss  # also at w = 0 and on an empty view: the same graph (collectives) on every rank
+        if empty:
+            continue
         logs[f"{prefix}/{name}"] = loss.detach()
         if term.warmup_steps > 0:
             logs[f"{prefix}/weight/{name}"] = torch.tensor(w)

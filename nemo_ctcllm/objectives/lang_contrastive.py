@@ -27,10 +27,9 @@ from typing import List, Tuple
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
-from nemo_ctcllm.llm.tp import gather_llm_inputs, mean_grad_over_tp
-from nemo_ctcllm.objectives.base import ObjectiveEnv, Stats, StepContext, register_objective
+from nemo_ctcllm.llm.tp import gather_llm_inputs, mean_grad_over_tp, pad_rows
+from nemo_ctcllm.objectives.base import ObjectiveEnv, StepContext, Stats, register_objective
 from nemo_ctcllm.objectives.shared.bridge import BridgeConfig, SoftHypothesis, SoftText
 from nemo_ctcllm.objectives.shared.contrastive import ContrastiveConfig, TwoTowerInfoNCE
 from nemo_ctcllm.objectives.shared.tensors import transcripts
@@ -42,9 +41,11 @@ def pooled_soft_hidden(host, soft: SoftText) -> Tensor:
     bos = host.embed(bos_ids)[0].to(soft.embeds.dtype)  # [1, H]
     rows = [torch.cat([bos, soft.embeds[b, :n]]) for b, n in enumerate(soft.lengths.tolist())]  # [1+n, H]
     lengths = soft.lengths + 1  # [b]
-    embeds = pad_sequence(rows, batch_first=True)  # [b, L, H]
+    embeds = pad_rows(rows, soft.embeds)  # [b, L, H] (b may be 0: a rank with no row still joins the gather)
     dummy = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)  # [b, L]: no labels needed
     embeds, _, lengths, mine = gather_llm_inputs(embeds, dummy, lengths)  # [B, L, H], _, [B]
+    if embeds.shape[0] == 0:  # no row in the whole group: no LLM call on any of its ranks
+        return embeds.float().sum(1)  # [0, H], in the graph
     h = mean_grad_over_tp(host.hidden_states(embeds, lengths).float())  # [B, L, H]
     pos = torch.arange(h.shape[1], device=h.device)[None]  # [1, L]
     valid = ((pos >= 1) & (pos < lengths.to(h.device)[:, None])).float()  # [B, L]

@@ -35,10 +35,9 @@ from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 from nemo_ctcllm.config import ConfigError, check_choice, check_str
-from nemo_ctcllm.llm.tp import gather_llm_inputs
+from nemo_ctcllm.llm.tp import gather_llm_inputs, pad_rows
 from nemo_ctcllm.objectives.base import Objective, ObjectiveEnv, Stats, StepContext, register_objective
 from nemo_ctcllm.objectives.shared.bridge import BridgeConfig, SoftHypothesis, SoftText
 from nemo_ctcllm.objectives.shared.prefix import IGNORE_INDEX, prefix_clm
@@ -61,9 +60,11 @@ def hypothesis_clm(host, soft: SoftText, first_token: Tensor) -> Tensor:
         lab[:n] = first_token.to(lab.device)[soft.tokens[b, :n]]  # position i (0 = BOS) predicts piece i (0-based)
         labels.append(lab)
     lengths = torch.tensor([r.shape[0] for r in rows], device=soft.embeds.device)  # [b]
-    embeds = pad_sequence(rows, batch_first=True)  # [b, L, H]
-    labels = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)  # [b, L]
+    embeds = pad_rows(rows, soft.embeds)  # [b, L, H] (b may be 0: a rank with no row still joins the gather)
+    labels = pad_rows(labels, soft.tokens, IGNORE_INDEX)  # [b, L]
     embeds, labels, lengths, _ = gather_llm_inputs(embeds, labels, lengths)
+    if embeds.shape[0] == 0:  # no row in the whole group: no LLM call on any of its ranks; a zero in the graph
+        return embeds.sum()
     return host.forward_embeds(embeds, labels, lengths=lengths)[1]
 
 
@@ -78,6 +79,8 @@ def llm_lm_loss(host, soft: SoftText, texts: Sequence[str], target: str, first_t
 
 class LLMLMLoss(Objective):
     """The frozen LLM's loss on the soft CTC hypothesis (``target``: reference or hypothesis)."""
+
+    tp_collective = True  # LLM (TP) and cross-rank gathers: runs on every rank, also with no row
 
     def __init__(self, name, weight, warmup_steps, reader: SoftHypothesis, target: str, instruction: str,
                  every_n_steps: int = 1):

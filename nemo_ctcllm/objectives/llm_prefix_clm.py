@@ -80,6 +80,8 @@ class Connector(nn.Module):
 class LlmPrefixCLM(Objective):
     """sum_k w_k * CLM_k over the connectors at ``blocks`` (see the module docstring)."""
 
+    tp_collective = True  # LLM (TP) and cross-rank gathers: runs on every rank, also with no row
+
     def __init__(self, name, weight, warmup_steps, blocks: List[int], weights: List[float], connectors: nn.ModuleDict,
                  instruction: str, every_n_steps: int = 1):
         super().__init__(name, weight, warmup_steps, capture_blocks=blocks, every_n_steps=every_n_steps)

@@ -68,6 +68,8 @@ class ContrastiveConfig(ObjectiveConfig):
 class TwoTowerInfoNCE(Objective):
     """Projections of both sides, the learned temperature, the transcript-feature cache and the loss."""
 
+    tp_collective = True  # LLM (TP) and cross-rank gathers: runs on every rank, also with no row
+
     def __init__(self, name, weight, warmup_steps, d_query: int, d_text: int, dim: int, cache_text: bool,
                  init_temperature: float, every_n_steps: int = 1, capture_blocks=None):
         super().__init__(name, weight, warmup_steps, capture_blocks=capture_blocks, every_n_steps=every_n_steps)
@@ -81,6 +83,12 @@ class TwoTowerInfoNCE(Objective):
     def text_features(self, host, texts: Sequence[str]) -> Tensor:
         """Frozen-LLM features of this rank's transcripts [b, H] fp32 (TP-safe, cached; see module docstring)."""
         all_texts, rows = gather_objects(texts)  # identical list on every rank of the TP group
+        if not all_texts or (self.cache_text and not texts):  # no row (here, or in the whole TP group)
+            missing = sorted({t for t in all_texts if t not in self._text_cache})
+            if missing:  # the group's other ranks ask the LLM for these: join them, and cache them alike
+                for t, f in zip(missing, host.pooled_hidden(missing).float().cpu()):
+                    self._text_cache[t] = f
+            return torch.zeros(0, self.text_proj.in_features)  # [0, H]
         if not self.cache_text:
             return host.pooled_hidden(all_texts).float()[rows]
         missing = sorted({t for t in all_texts if t not in self._text_cache})
@@ -104,6 +112,8 @@ class TwoTowerInfoNCE(Objective):
         same_text = (keys_all[rows][:, None] == keys_all[None, :]) & (cols[None] != target[:, None])  # [b, N]
         logits_a2t = (scale * a @ t_all.T).masked_fill(same_text, float("-inf"))  # [b, N]
         logits_t2a = (scale * t @ a_all.T).masked_fill(same_text, float("-inf"))  # [b, N]
+        if a.shape[0] == 0:  # no query row on this rank: zero, in the graph of the gathered rows (whose backward
+            return 0.0 * (logits_a2t.sum() + logits_t2a.sum()), {}  # all-reduce every rank runs)
         loss = 0.5 * (F.cross_entropy(logits_a2t, target) + F.cross_entropy(logits_t2a, target))
         acc = (logits_a2t.argmax(-1) == target).float().mean()
         return loss, {"acc": acc.detach(), "temperature": (1.0 / scale).detach()}

@@ -19,9 +19,8 @@ from typing import List, Sequence
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
-from nemo_ctcllm.llm.tp import gather_llm_inputs, gather_objects
+from nemo_ctcllm.llm.tp import gather_llm_inputs, gather_objects, pad_rows
 
 IGNORE_INDEX = -100
 
@@ -40,6 +39,9 @@ def build_sequences(host, prompt: Tensor, prompt_len: Tensor, texts: Sequence[st
     head = host.embed(torch.cat([bos_ids, instr_ids], 1))[0].to(prompt.dtype)  # [1+I, H]: BOS, instruction
     # the (vocab-parallel) embedding lookup is a TP collective: every TP rank embeds the group's transcripts
     all_texts, mine = gather_objects(texts)
+    if not all_texts:  # no row on any rank of the group (all know it): empty inputs, no embedding lookup
+        none = torch.zeros(0, 0, dtype=torch.long, device=prompt.device)  # [0, 0]
+        return pad_rows([], prompt), none, none.sum(1)  # [0, 0, H], [0, 0], [0]
     text_ids, text_len = host.tokenize([sep + t for t in all_texts], add_bos=False, add_eos=True)  # [B, U], [B]
     text_emb = host.embed(text_ids)[mine].to(prompt.dtype)  # [b, U, H]
     text_ids, text_len = text_ids[mine].to(prompt.device), text_len[mine]  # [b, U], [b]
@@ -52,19 +54,21 @@ def build_sequences(host, prompt: Tensor, prompt_len: Tensor, texts: Sequence[st
         lab[start - 1: start - 1 + U] = text_ids[b, :U]
         rows.append(seq)
         labels.append(lab)
-    lengths = torch.tensor([r.shape[0] for r in rows], device=prompt.device)  # [b]
-    embeds = pad_sequence(rows, batch_first=True)  # [b, L, H]
-    return embeds, pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX), lengths
+    lengths = torch.tensor([r.shape[0] for r in rows], device=prompt.device, dtype=torch.long)  # [b]
+    embeds = pad_rows(rows, prompt)  # [b, L, H] (b may be 0: a rank with no row still joins the gather)
+    return embeds, pad_rows(labels, text_ids, IGNORE_INDEX), lengths
 
 
 def prefix_clm(host, prompt: Tensor, prompt_len: Tensor, texts: Sequence[str], instruction: str = ""):
     """CLM of ``texts`` given soft prompts, gathered over the TP group.
 
     Returns (per-utterance mean token loss [b] of this rank's rows, loss: token-level mean over the TP
-    group's concatenated batch -- at TP=1, over this batch).
+    group's concatenated batch -- at TP=1, over this batch; the same on every TP rank, also one with b = 0).
     """
     embeds, labels, lengths = build_sequences(host, prompt, prompt_len, texts, instruction)
     embeds, labels, lengths, rows = gather_llm_inputs(embeds, labels, lengths)  # [B, L, H], [B, L], [B]
+    if embeds.shape[0] == 0:  # no row in the whole group: no LLM call on any of its ranks; a zero in the graph
+        return embeds.new_zeros(0), embeds.sum()
     token_loss, loss = host.forward_embeds(embeds, labels, lengths=lengths)  # [B, L], scalar
     counts = (labels != IGNORE_INDEX).sum(1).clamp(min=1).to(token_loss.device)  # [B]
     return (token_loss.sum(1) / counts)[rows], loss
