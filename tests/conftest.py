@@ -1,26 +1,32 @@
-"""Shared fixtures: real demo speech (espeak-ng/flite), a BPE tokenizer, tiny model configs.
+"""Shared fixtures and helpers: real demo speech (espeak-ng/flite), a BPE tokenizer, tiny model configs, tiny
+random LLaMAs.
 
-NeMo is imported once per session (about 10 s). Everything runs offline (HF_HUB_OFFLINE=1).
+NeMo is imported once per session (about 10 s). Everything runs offline (HF_HUB_OFFLINE=1). ``tests/`` is on
+``sys.path`` (``[tool.pytest.ini_options] pythonpath`` in pyproject.toml), so helper modules import normally.
 """
+import importlib
+import importlib.util
 import os
+from pathlib import Path
 
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+# before the first import of transformers / huggingface_hub, which read them at import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from pathlib import Path  # noqa: E402
-
-import importlib.util  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-import nemo_ctcllm  # noqa: E402,F401  (registers the package with NeMo)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 torch.set_num_threads(2)
+
+
+def pytest_configure(config):
+    """Import the package once before collection: it adds ``nemo_ctcllm.`` to NeMo's allowed ``_target_``s
+    (needed by ``restore_from``)."""
+    importlib.import_module("nemo_ctcllm")
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +103,32 @@ def make_tiny_llama(folder, seed: int = 0, vocab_size: int = 128, **overrides):
     return folder
 
 
+def make_tiny_bpe_llama(folder, vocab_size: int = 320, seed: int = 0):
+    """:func:`make_tiny_llama` (2 query groups, so TP=2 works) with a byte-level BPE tokenizer trained on the
+    shipped sentences instead of its word-level one: every ASR piece then has an LM tokenization."""
+    from nemo_ctcllm.data.small_lm import train_byte_level_bpe
+
+    make_tiny_llama(folder, seed=seed, vocab_size=vocab_size, num_key_value_heads=2)
+    lines = (REPO / "demo" / "sentences.txt").read_text().splitlines()
+    lines = [s for s in lines if s and not s.startswith("#")][:5000]
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (Path(folder) / f).unlink(missing_ok=True)
+    train_byte_level_bpe(lines, vocab_size).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory):
+    """Folder of the tiny random LLaMA with 2 query groups (TP=2 works) and the word-level tokenizer."""
+    return str(make_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny", num_key_value_heads=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_llm(tmp_path_factory):
+    """Folder of the tiny random LLaMA with a byte-level BPE tokenizer (:func:`make_tiny_bpe_llama`)."""
+    return make_tiny_bpe_llama(tmp_path_factory.mktemp("llm") / "tiny_bpe")
+
+
 @pytest.fixture(scope="module")
 def llm_process_group():
     """Building an LLM host creates a process group and megatron parallel_state; tear both down after the
@@ -136,3 +168,19 @@ def overfit(loss_fn, params, steps: int, lr: float):
         opt.step()
         losses.append(loss.item())
     return losses, stats
+
+
+def encoder_gradient(model) -> float:
+    """Gradient mass that reached the encoder's first block after a backward pass (0.0 when none did)."""
+    grad = model.encoder.layers[0].feed_forward1.linear1.weight.grad
+    return 0.0 if grad is None else float(grad.abs().sum())
+
+
+def load_script(path):
+    """Import a command-line script (e.g. ``REPO / "scripts" / "validate_manifest.py"``) as a module, without
+    putting its folder on ``sys.path`` (where its name could shadow an installed package)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -9,9 +9,9 @@ with TP=1 in one process.
 """
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is first imported
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "hello", "world", "speech", "is", "fun"]
 

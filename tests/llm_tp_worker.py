@@ -11,9 +11,9 @@ with activation recompute. The test runs :func:`run_probe` in-process with TP=1 
 import argparse
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is first imported
 
 
 def probe_inputs(vocab_size: int, batch: int = 3, seq_len: int = 9, seed: int = 0):

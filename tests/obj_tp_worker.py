@@ -13,9 +13,9 @@ writes ``DIR/rank<r>.pt``. The tests recompute the same batches in-process with 
 import argparse
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is first imported
 
 TEXTS = ["the cat sat on the mat", "a dog ran far away from the cat", "hello world", "speech to text is fun",
          "the dog sat", "hello cat"]
@@ -113,7 +113,7 @@ def asr_batch(model, texts, lengths=(16000, 12800, 9600, 11200), seed: int = 0):
     return signal, torch.tensor(lengths), targets, torch.tensor([len(r) for r in ids])
 
 
-def launch(mode: str, checkpoint, out_dir, nproc: int = 2, timeout: int = 180, worker=None) -> list:
+def launch(mode: str, checkpoint, out_dir, nproc: int = 2, timeout: int = 300, worker=None) -> list:
     """Run this worker (or ``worker``, a script with the same command line) under torchrun; returns the
     per-rank result dicts."""
     import socket

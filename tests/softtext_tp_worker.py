@@ -10,29 +10,12 @@ Launched with :func:`obj_tp_worker.launch` (``worker=`` this file).
 import json
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is first imported (in main)
 
 TEXTS = ["the cat sat on the mat", "a dog ran far away from the cat", "hello world", "speech to text is fun",
          "the dog sat", "hello cat"]
-
-
-def make_tiny_bpe_llama(folder, vocab_size: int = 320, seed: int = 0):
-    """The conftest tiny LLaMA (2 query groups, so TP=2 works) with a byte-level BPE tokenizer trained on the
-    shipped sentences instead of its word-level one: every ASR piece then has an LM tokenization."""
-    from conftest import REPO, make_tiny_llama
-
-    from nemo_ctcllm.data.small_lm import train_byte_level_bpe
-
-    make_tiny_llama(folder, seed=seed, vocab_size=vocab_size, num_key_value_heads=2)
-    lines = (REPO / "demo" / "sentences.txt").read_text().splitlines()
-    lines = [s for s in lines if s and not s.startswith("#")][:5000]
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.exists(os.path.join(folder, f)):
-            os.remove(os.path.join(folder, f))
-    train_byte_level_bpe(lines, vocab_size).save_pretrained(folder)
-    return str(folder)
 
 
 def softtext_inputs(rank: int, num_pieces: int, b=None):

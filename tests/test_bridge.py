@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 from nemo_ctcllm.objectives.shared.bridge import (
     PieceMap,
@@ -162,12 +161,12 @@ def asr_tokenizer(tokenizer_dir):
     return SentencePieceTokenizer(model_path=str(Path(tokenizer_dir) / "tokenizer.model"))
 
 
-def test_wordlevel_lm_unknown_pieces_are_unmappable(asr_tokenizer, tmp_path, llm_process_group):
+def test_wordlevel_lm_unknown_pieces_are_unmappable(asr_tokenizer, tiny_llm, llm_process_group):
     """The tiny LLaMA's tokenizer knows ~20 whole words: a lone '▁', '<unk>', sub-word pieces and characters it
     has never seen get no LM token and are excluded; whole words it knows map to exactly their embedding."""
     from nemo_ctcllm.llm import LLMHost
 
-    host = LLMHost(make_tiny_llama(tmp_path / "tiny", num_key_value_heads=2), tp_size=1)
+    host = LLMHost(tiny_llm, tp_size=1)
     pieces, special = asr_pieces(asr_tokenizer)
     assert pieces[0] == "<unk>" and special[0] and sum(special) == 1
     ids = piece_token_ids(pieces, special, host.tokenizer)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, make_tiny_llama, tiny_model_cfg
+from conftest import REPO, tiny_model_cfg
 
 from nemo_ctcllm.decoding.llm_rerank import audio_batches
 from nemo_ctcllm.decoding.nbest import ctc_prefix_beam_search
@@ -30,11 +30,6 @@ def nemo_file(tokenizer_dir, demo_corpus, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("model") / "model.nemo")
     model.save_to(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    return str(make_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny"))
 
 
 def _rows(path):

@@ -17,19 +17,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest
+import torch
+from conftest import LLM_CORPUS as CORPUS
+from conftest import make_tiny_llama
+from llm_tp_worker import check_host_layout, probe_inputs, run_probe
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from nemo_ctcllm.llm import LLMCheckpointError, LLMHost, apply_cpu_patches  # noqa: E402
-from nemo_ctcllm.llm import convert  # noqa: E402
+from nemo_ctcllm.llm import LLMCheckpointError, LLMHost, apply_cpu_patches
+from nemo_ctcllm.llm import convert
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-sys.path.insert(0, str(TESTS_DIR))
-from llm_tp_worker import check_host_layout, probe_inputs, run_probe  # noqa: E402
-from conftest import LLM_CORPUS as CORPUS, make_tiny_llama  # noqa: E402
 
 TINY_VARIANTS = {
     "gqa_untied": dict(num_key_value_heads=2, tie_word_embeddings=False),

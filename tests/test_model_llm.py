@@ -15,13 +15,6 @@ from nemo_ctcllm.objectives import ConfigError
 from nemo_ctcllm.parallel import check_layout
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    from conftest import make_tiny_llama
-
-    return str(make_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny", num_key_value_heads=2))
-
-
 def model_with_llm(tokenizer_dir, checkpoint, **llm):
     cfg = tiny_model_cfg(tokenizer_dir, interctc={"blocks": [2], "weights": [0.3]})
     cfg.llm = {"checkpoint": checkpoint, **llm}

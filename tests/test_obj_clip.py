@@ -6,26 +6,17 @@ config errors.
 """
 import dataclasses
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLM_CORPUS, make_tiny_llama, overfit, tiny_model_cfg
+from conftest import LLM_CORPUS, encoder_gradient, overfit, tiny_model_cfg
+from obj_tp_worker import TEXTS, asr_batch, clip_inputs, launch, make_clip
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from obj_tp_worker import TEXTS, asr_batch, clip_inputs, launch, make_clip  # noqa: E402
-
-from nemo_ctcllm.export import strip_for_inference  # noqa: E402
-from nemo_ctcllm.models import EncDecCTCLLMModelBPE  # noqa: E402
-from nemo_ctcllm.objectives import ConfigError, compose_loss  # noqa: E402
+from nemo_ctcllm.export import strip_for_inference
+from nemo_ctcllm.models import EncDecCTCLLMModelBPE
+from nemo_ctcllm.objectives import ConfigError, compose_loss
 
 KEY = "model.objectives.clip"
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    return str(make_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny", num_key_value_heads=2))
 
 
 def make(tokenizer_dir, checkpoint, **block):
@@ -49,7 +40,7 @@ def test_gradient_reaches_encoder_and_projections_not_llm(tokenizer_dir, tiny_ll
     assert {"logit_scale", "attn_pool.query", "audio_proj.weight", "text_proj.weight"} <= names
     for name, p in term.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert model.encoder.layers[0].feed_forward1.linear1.weight.grad.abs().sum() > 0
+    assert encoder_gradient(model) > 0
     assert all(p.grad is None for p in model.llm.llm_parameters())
 
 

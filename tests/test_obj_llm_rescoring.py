@@ -6,16 +6,13 @@ hypothesis-side term; config errors name the key.
 """
 import dataclasses
 import shutil
-import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama, tiny_model_cfg
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hyp_common import (  # noqa: E402
+from conftest import tiny_model_cfg
+from hyp_common import (
     CONFIGS,
     assert_config_error,
     assert_config_error_without_llm,
@@ -23,20 +20,14 @@ from hyp_common import (  # noqa: E402
     make,
     steered,
 )
-from hyp_tp_worker import hyp_texts  # noqa: E402
-from obj_tp_worker import launch  # noqa: E402
+from hyp_tp_worker import hyp_texts
+from obj_tp_worker import launch
 
-from nemo_ctcllm.export import strip_for_inference  # noqa: E402
-from nemo_ctcllm.models import EncDecCTCLLMModelBPE  # noqa: E402
-from nemo_ctcllm.objectives import compose_loss  # noqa: E402
-from nemo_ctcllm.objectives.shared.tensors import transcripts  # noqa: E402
-from nemo_ctcllm.objectives.shared.hypotheses import hypotheses, llm_log_likelihood, word_errors  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    return str(make_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny", num_key_value_heads=2))
-
+from nemo_ctcllm.export import strip_for_inference
+from nemo_ctcllm.models import EncDecCTCLLMModelBPE
+from nemo_ctcllm.objectives import compose_loss
+from nemo_ctcllm.objectives.shared.tensors import transcripts
+from nemo_ctcllm.objectives.shared.hypotheses import hypotheses, llm_log_likelihood, word_errors
 
 
 def test_gradient_reaches_encoder_not_llm(tokenizer_dir, tiny_llm, llm_process_group):

@@ -6,15 +6,11 @@ reaches the encoder and never the LLM; SmolLM2 scores a fluent hypothesis above 
 errors name the key.
 """
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hyp_common import (  # noqa: E402
+from hyp_common import (
     assert_config_error,
     assert_config_error_without_llm,
     assert_gradient_reaches_encoder_not_llm,
@@ -22,14 +18,8 @@ from hyp_common import (  # noqa: E402
     steered,
 )
 
-from nemo_ctcllm.objectives.shared.hypotheses import SearchSettings, hypotheses, llm_log_likelihood  # noqa: E402
-from nemo_ctcllm.objectives.llm_reward import LlmReward  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    return str(make_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny", num_key_value_heads=2))
-
+from nemo_ctcllm.objectives.shared.hypotheses import SearchSettings, hypotheses, llm_log_likelihood
+from nemo_ctcllm.objectives.llm_reward import LlmReward
 
 
 @pytest.mark.parametrize("name", ["reward_sample", "reward_nbest"])

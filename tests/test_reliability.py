@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import REPO, tiny_model_cfg
+from conftest import REPO, load_script, tiny_model_cfg
 from omegaconf import OmegaConf
 
 from nemo_ctcllm.data.manifest import ManifestError, read_manifest
@@ -22,8 +22,7 @@ from nemo_ctcllm.models import EncDecCTCLLMModelBPE
 from nemo_ctcllm.objectives import ConfigError
 from nemo_ctcllm.training import check_training_data
 
-sys.path.insert(0, str(REPO / "scripts"))
-import validate_manifest  # noqa: E402
+validate_manifest = load_script(REPO / "scripts" / "validate_manifest.py")
 
 
 def _write(path, lines):
