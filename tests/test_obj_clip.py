@@ -19,21 +19,25 @@ from nemo_ctcllm.objectives import ConfigError, compose_loss
 KEY = "model.objectives.clip"
 
 
-def make(tokenizer_dir, checkpoint, **block):
+def make(tokenizer_dir, checkpoint, ctc_weight=1.0, **block):
     cfg = tiny_model_cfg(tokenizer_dir, clip={"dim": 16, **block})
+    cfg.objectives.ctc_final.weight = ctc_weight
     cfg.llm = {"checkpoint": checkpoint}
     torch.manual_seed(0)
     return EncDecCTCLLMModelBPE(cfg)
 
 
 def test_gradient_reaches_encoder_and_projections_not_llm(tokenizer_dir, tiny_llm, llm_process_group):
-    model = make(tokenizer_dir, tiny_llm, pool="attention")
+    """This term alone: ctc_final at weight 0 is evaluated and logged but adds nothing to the total."""
+    model = make(tokenizer_dir, tiny_llm, ctc_weight=0.0, pool="attention")
     assert model.cfg.objectives.clip.llm_hidden_size == 64
     model.train()
     ctx = model.step_context(asr_batch(model, LLM_CORPUS), compute_wer=False)
     total, logs = compose_loss(model.objectives, ctx, step=0, prefix="train")
     assert float(logs["train/clip_temperature"]) == pytest.approx(0.07)
     assert 0.0 <= float(logs["train/clip_acc"]) <= 1.0 and float(logs["train/clip"]) > 0
+    assert "train/ctc_final" in logs
+    torch.testing.assert_close(total.detach(), logs["train/clip"])  # the total is this term alone
     total.backward()
     term = model.objectives["clip"]
     names = {n for n, _ in term.named_parameters()}

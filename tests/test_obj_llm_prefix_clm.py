@@ -56,7 +56,8 @@ def test_sequence_layout(tokenizer_dir, tiny_llm, llm_process_group):
 
 
 def test_gradient_reaches_encoder_and_connectors_not_llm(tokenizer_dir, tiny_llm, llm_process_group):
-    model = make(tokenizer_dir, tiny_llm, connector="mlp")
+    """This term alone: ctc_final at weight 0 is evaluated and logged but adds nothing to the total."""
+    model = make(tokenizer_dir, tiny_llm, ctc_weight=0.0, connector="mlp")
     assert model.cfg.objectives.llm_prefix_clm.llm_hidden_size == 64  # read from the LLM folder, written back
     model.train()
     ctx = model.step_context(asr_batch(model, LLM_CORPUS[:3]), compute_wer=False)
@@ -65,7 +66,8 @@ def test_gradient_reaches_encoder_and_connectors_not_llm(tokenizer_dir, tiny_llm
     total, logs = compose_loss(model.objectives, ctx, step=0, prefix="train")
     loss = logs["train/llm_prefix_clm"]
     torch.testing.assert_close(loss, 0.5 * logs["train/llm_prefix_clm_clm_l2"] + logs["train/llm_prefix_clm_clm_l4"])
-    assert 1.0 < float(logs["train/llm_prefix_clm_clm_l2"]) < 10.0
+    assert 1.0 < float(logs["train/llm_prefix_clm_clm_l2"]) < 10.0 and "train/ctc_final" in logs
+    torch.testing.assert_close(total.detach(), loss)  # the total is this term alone
     total.backward()
     for name, p in term.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
