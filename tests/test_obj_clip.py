@@ -63,6 +63,27 @@ def test_overfits_one_batch(tokenizer_dir, tiny_llm, llm_process_group):
     assert float(stats["acc"]) == 1.0
 
 
+def test_gradient_matches_finite_differences(tokenizer_dir, tiny_llm, llm_process_group):
+    """d loss / d encoder output [B, D, T] in float64 against central differences (torch.autograd.gradcheck) on
+    3 utterances of 4, 3 and 2 frames, attention pooling with a non-zero query (so the pooling weights depend on
+    the frames). The text side is a constant (the frozen LLM's features, no gradient)."""
+    model = make(tokenizer_dir, tiny_llm, pool="attention")
+    term = model.objectives["clip"].double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        term.attn_pool.query.copy_(torch.randn(term.attn_pool.query.shape, generator=g))
+        ctx = model.step_context(asr_batch(model, LLM_CORPUS[:3]), compute_wer=False)
+    lengths = torch.tensor([4, 3, 2])
+    x = torch.randn(3, ctx.encoded.shape[1], 4, dtype=torch.float64, generator=g, requires_grad=True)  # [B, D, T]
+
+    def loss_of(encoded):
+        return term(dataclasses.replace(ctx, encoded=encoded, encoded_len=lengths))[0]
+
+    assert torch.autograd.gradcheck(loss_of, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
+    (grad,) = torch.autograd.grad(loss_of(x), x)
+    assert grad[2, :, :2].abs().min() > 0 and grad[2, :, 2:].abs().max() == 0  # valid frames only
+
+
 @pytest.mark.parametrize("pool", ["mean", "attention"])
 def test_pooled_audio_is_padding_invariant(tokenizer_dir, tiny_llm, pool, llm_process_group):
     model = make(tokenizer_dir, tiny_llm, pool=pool)

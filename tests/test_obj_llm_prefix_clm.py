@@ -6,6 +6,7 @@ TP=1 (torchrun, gloo), export, config errors, and SmolLM2 preferring the true tr
 import dataclasses
 import random
 import shutil
+import types
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from conftest import LLM_CORPUS, encoder_gradient, overfit, tiny_model_cfg
 from obj_tp_worker import CLM_INSTRUCTION, asr_batch, clm_inputs, launch
 
 from nemo_ctcllm.export import strip_for_inference
+from nemo_ctcllm.llm import LLMHost
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE
 from nemo_ctcllm.objectives import ConfigError, compose_loss
 from nemo_ctcllm.objectives.llm_prefix_clm import stack_frames
@@ -73,6 +75,42 @@ def test_gradient_reaches_encoder_and_connectors_not_llm(tokenizer_dir, tiny_llm
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert encoder_gradient(model) > 0
     assert llm_grads(model) == []
+
+
+def test_gradient_matches_finite_differences(tokenizer_dir, tiny_llm, llm_process_group):
+    """d loss / d block outputs (two connectors, weights 0.5 and 1, an instruction, a padded row) against central
+    differences along three random directions and the gradient's own.
+
+    Everything is float64 (block outputs, connectors, the LLM's weights) except megatron's cross entropy, which
+    casts the logits to float32 (megatron/core/tensor_parallel/cross_entropy.py), so the loss (about 7) carries
+    float32 rounding of about 1e-6: the step (3e-2) and the tolerance are sized for that (measured errors up to
+    2.3e-5 on derivatives of 1.6e-3 to 4.6e-2). torch.autograd.gradcheck cannot be used: megatron's cross entropy
+    backward overwrites its saved softmax, so the graph cannot be backpropagated twice."""
+    model = make(tokenizer_dir, tiny_llm, blocks=[2, 4], weights=[0.5, 1.0], connector="mlp", instruction="hello")
+    term = model.objectives["llm_prefix_clm"].double()
+    with torch.no_grad():
+        ctx = model.step_context(asr_batch(model, LLM_CORPUS[:2]), compute_wer=False)
+    host = LLMHost(tiny_llm, tp_size=1, params_dtype=torch.float64)
+    ctx = dataclasses.replace(ctx, model=types.SimpleNamespace(llm=host, tokenizer=model.tokenizer))
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([3, 2])
+    x = [torch.randn(2, 32, 3, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2)]  # [B, D, T]
+
+    def loss_of(x2, x4):
+        return term(dataclasses.replace(ctx, layers={2: (x2, lengths), 4: (x4, lengths)}))[0]
+
+    grads = torch.autograd.grad(loss_of(*x), x)
+    assert all(gr[1, :, 2].abs().max() == 0 for gr in grads)  # row 1's padding frame
+    norm = sum(gr.pow(2).sum() for gr in grads).sqrt()
+    directions = [[torch.randn(v.shape, dtype=v.dtype, generator=g) for v in x] for _ in range(3)]
+    directions.append([gr / norm for gr in grads])
+    eps = 3e-2
+    for d in directions:
+        with torch.no_grad():
+            plus = loss_of(*[v + eps * u for v, u in zip(x, d)])
+            minus = loss_of(*[v - eps * u for v, u in zip(x, d)])
+        analytic = sum((gr * u).sum() for gr, u in zip(grads, d))
+        torch.testing.assert_close((plus - minus).double() / (2 * eps), analytic, atol=1e-4, rtol=1e-2)
 
 
 def test_overfits_one_batch(tokenizer_dir, tiny_llm, llm_process_group):
