@@ -6,7 +6,6 @@ TP=1 (torchrun, gloo), export, config errors, and SmolLM2 preferring the true tr
 import dataclasses
 import random
 import shutil
-import types
 
 import pytest
 import torch
@@ -91,7 +90,7 @@ def test_gradient_matches_finite_differences(tokenizer_dir, tiny_llm, llm_proces
     with torch.no_grad():
         ctx = model.step_context(asr_batch(model, LLM_CORPUS[:2]), compute_wer=False)
     host = LLMHost(tiny_llm, tp_size=1, params_dtype=torch.float64)
-    ctx = dataclasses.replace(ctx, model=types.SimpleNamespace(llm=host, tokenizer=model.tokenizer))
+    ctx = dataclasses.replace(ctx, env=dataclasses.replace(ctx.env, llm=lambda: host))  # the float64 LLM
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([3, 2])
     x = [torch.randn(2, 32, 3, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2)]  # [B, D, T]
