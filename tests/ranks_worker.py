@@ -18,9 +18,9 @@ A rank that deadlocks makes torchrun overrun the test's hard timeout.
 import json
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is first imported
 
 TP_OBJECTIVES = {
     "llm_prefix_clm": {"blocks": [2], "weights": [1.0], "stack": 2, "weight": 0.3},

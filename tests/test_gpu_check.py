@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, load_script
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import gpu_check  # noqa: E402
+gpu_check = load_script(REPO / "scripts" / "gpu_check.py")
 
 
 def test_dry_run_writes_every_part(demo_corpus, tmp_path):
