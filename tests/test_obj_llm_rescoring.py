@@ -163,6 +163,7 @@ def test_batch_padding_changes_nothing(tokenizer_dir, tiny_llm, name, llm_proces
         for b, n in enumerate(ctx.encoded_len.tolist()):
             row = dataclasses.replace(
                 ctx, log_probs=ctx.log_probs[b: b + 1, :n], encoded_len=ctx.encoded_len[b: b + 1],
+                signal=ctx.signal[b: b + 1], signal_len=ctx.signal_len[b: b + 1],  # pseudo_label's clean pass
                 targets=ctx.targets[b: b + 1], target_len=ctx.target_len[b: b + 1], cache={})
             alone.append(term(row)[0])
     torch.testing.assert_close(batched, torch.stack(alone).mean(), atol=1e-4, rtol=1e-4)
