@@ -1,16 +1,9 @@
 """``clip``: CLIP-style audio-text contrastive loss between the encoder and a frozen text encoder.
 
-    audio side  a_b = normalize( W_a pool(encoded_b) )          pool: mean over valid frames, or attention
-                                                                 pooling with a learned query (zero init =
-                                                                 mean pooling)
-    text side   t_b = normalize( W_t f(text_b) )                 f: the frozen LLM's mean last hidden state
-                                                                 (``LLMHost.pooled_hidden``), no grad
-    logits      S_ij = exp(s) * a_i . t_j,   s = log(1/temperature) learned, init log(1/0.07),
-                                             clamped to s <= log(100) as in CLIP (temperature >= 0.01)
-    loss        1/2 [ CE_i(S_i., i) + CE_i(S_.i^T, i) ]          (symmetric InfoNCE, mean over rows)
-
 The InfoNCE (in-batch negatives gathered over every rank, duplicate transcripts masked, the cached
 transcript features) is :mod:`nemo_ctcllm.objectives.shared.contrastive`'s.
+
+The maths, the YAML block and the cost: docs/objectives.md.
 """
 from __future__ import annotations
 

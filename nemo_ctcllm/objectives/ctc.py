@@ -1,17 +1,12 @@
 """CTC terms: the final head (``ctc_final``) and intermediate heads (``interctc``).
 
-Intermediate CTC (Lee & Watanabe 2021, arXiv 2102.03216) adds a CTC loss on the output of chosen
-encoder blocks: Total = a_final * CTC_final + sum_k a_k * CTC_k. Heads are either separate per block
-(default: a fresh ``ConvASRDecoder`` each) or shared with the final decoder (NeMo's InterCTC semantics).
-
 Self-conditioned CTC (Nozaki & Komatsu 2021, arXiv 2104.02724): the posteriors of the head at block k are
 projected back to the model width and added to that block's output, so block k+1 sees what block k
 already recognised:  x_k <- x_k + Linear_{V+1 -> D}(softmax(head_k(x_k))).  This changes the encoder's
 forward pass, so these heads are kept at export. It is installed as a forward hook on the encoder block;
 layer outputs are otherwise captured through NeMo's ``AccessMixin`` (the encoder's own InterCTC capture).
 
-Blocks are numbered from 1: block k is the output after the k-th Conformer block (ESPnet's convention;
-NeMo's ``apply_at_layers`` is the 0-based k-1).
+The maths, the YAML block and the cost: docs/objectives.md.
 """
 from __future__ import annotations
 

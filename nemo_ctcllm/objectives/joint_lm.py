@@ -1,21 +1,6 @@
 """A jointly trained LM head on the encoder output (``joint_lm``): an attention decoder, not a teacher.
 
-A small transformer decoder reads the encoder output and predicts the transcript autoregressively over the
-ASR BPE vocabulary (teacher forcing): causal self-attention over the previous tokens, cross-attention to the
-encoder output [B, T, D] with its padding mask. It is trained jointly with the encoder, so its gradient
-reaches the encoder through the cross-attention (the hybrid CTC/attention set-up of Watanabe et al. 2017,
-used here only as a training signal: the head is dropped at export and the model stays a CTC model).
-
-Ids: the V ASR pieces keep their ids 0..V-1; BOS = V and EOS = V+1 are two extra ids (one table of V+2 rows
-for the input embedding, V+2 output classes). For a transcript y_1..y_U:
-
-    input  x = BOS, y_1, ..., y_U
-    labels l = y_1, ..., y_U, EOS
-    loss = - sum_{b, i <= U_b} log p(l_{b,i} | l_{b,<i}, encoder output_b) / sum_b (U_b + 1)
-
-(token-level mean; positions past U_b + 1 are padding and ignored). Positions are sinusoidal, so there is no
-maximum transcript length. The decoder width is the encoder output width D, so ``heads`` must divide D.
-Cost: the decoder runs on U + 1 tokens with cross-attention over T frames; no extra encoder pass.
+The maths, the YAML block and the cost: docs/objectives.md.
 """
 from __future__ import annotations
 
@@ -42,7 +27,7 @@ def sinusoid_positions(length: int, width: int, device) -> torch.Tensor:
 
 
 class JointLM(Objective):
-    """Token cross entropy of a transformer decoder that attends to the encoder output (module docstring)."""
+    """Token cross entropy of a transformer decoder that attends to the encoder output (docs/objectives.md)."""
 
     def __init__(self, name: str, weight: float, warmup_steps: int, width: int, vocab_size: int,
                  block: "JointLMConfig", every_n_steps: int = 1):

@@ -1,24 +1,11 @@
 """``lang_contrastive``: language-aware contrastive loss between the soft CTC output and the reference text.
 
-Both sides are embedded by the same frozen LLM, so both live in one language space:
-
-    hypothesis side  h_b = mean_{n=1..N_b} LLM([BOS | e_b,1 .. e_b,N_b])_n     e: the bridge's soft embeddings of
-                                                                             the greedy CTC hypothesis (grad)
-    reference side   r_b = mean_u LLM([BOS | reference tokens])_u            ``LLMHost.pooled_hidden``, no grad,
-                                                                             cached per transcript
-    a_b = normalize(W_a h_b),  t_b = normalize(W_t r_b),  symmetric InfoNCE with a learned temperature
-
-(BOS is left out of both means: its state is an attention sink.) The InfoNCE, the in-batch negatives gathered
-over all ranks, the masking of duplicate transcripts and the reference-feature cache are ``clip``'s
-(:mod:`nemo_ctcllm.objectives.shared.contrastive`, shared by both): the only difference is the
-"audio" side, which here is the LLM's reading of what the CTC head *says*, not the pooled acoustic encoder
-output. The loss pulls each hypothesis towards the meaning of its own reference and away from the batch's other
-sentences; its gradient reaches the encoder through the bridge (the segments' posteriors) only.
-
 Tensor parallelism: the soft hypotheses are gathered over the TP group (every TP rank runs the LLM on the same
 batch) and the gradient reaching the pooled LLM states is averaged over the group
 (:func:`nemo_ctcllm.llm.tp.mean_grad_over_tp`), since every rank's contrastive loss differs (its own rows are
 the queries) while megatron's backward needs one output gradient per TP group.
+
+The maths, the YAML block and the cost: docs/objectives.md.
 """
 from __future__ import annotations
 

@@ -1,32 +1,13 @@
 """``llm_lm_loss``: the CTC hypothesis, made soft by the bridge, read by the frozen LLM.
 
-The greedy CTC hypothesis of the final head (or of an interctc head, ``head_block``) goes through the bridge
-(:mod:`nemo_ctcllm.objectives.shared.bridge`): soft token embeddings e_1..e_N in the LLM's input space, differentiable
-w.r.t. the CTC posteriors. Two losses (``target``):
-
-* ``reference`` (default): the soft hypothesis is a prompt, the LLM's causal-LM loss of the *reference*
-  transcript follows it, exactly the sequence of ``llm_prefix_clm`` (:mod:`nemo_ctcllm.objectives.shared.prefix`)
-  with the hypothesis as the prompt:
-
-      [ BOS | e_1 .. e_N | instruction | reference tokens | EOS ],
-      L = -1/#tokens sum_u log p_LLM(y_u | BOS, e, instruction, y_<u)
-
-  An LLM continues a text it has just read by copying it (in-context copying / induction heads), so this loss
-  is low when the soft hypothesis *says* what the reference says, and the LLM's knowledge decides which errors
-  cost most (a wrong word that breaks the sentence vs a plausible variant). Its gradient tells every segment's
-  posteriors which pieces would make the reference more predictable: a soft, LM-weighted "match the reference".
-* ``hypothesis``: a fluency term, the LLM's next-token loss of the hypothesis itself,
-  [BOS | e_1 .. e_N], position n predicting the first LLM token of the greedy piece y_{n+1} (n = 0: BOS).
-  Its gradient reaches the posteriors only through the context e_<n (the targets are the argmax), and it needs
-  no reference, but it rewards any fluent text, so it cannot tell a right hypothesis from a fluent wrong one;
-  it is kept as the cheap unsupervised variant (usable on untranscribed audio later), not the default.
-
 Both are token-level means (the LM convention). Tensor parallelism: the LLM inputs are gathered over the TP
 group (:func:`nemo_ctcllm.llm.tp.gather_llm_inputs`) so that every TP rank runs the same batch; every rank
 computes the same loss, and each gets its own rows' gradient at TP=1's scale. The piece map of the bridge is
 built at the first step from the ASR tokenizer, the LLM tokenizer and the LLM's (vocab-parallel) embedding
 table, and kept as a plain attribute (like ``clip``'s text cache): never in ``state_dict``, a checkpoint or the
 ``.nemo``, never trained.
+
+The maths, the YAML block and the cost: docs/objectives.md.
 """
 from __future__ import annotations
 
@@ -70,7 +51,7 @@ def hypothesis_clm(host, soft: SoftText, first_token: Tensor) -> Tensor:
 
 def llm_lm_loss(host, soft: SoftText, texts: Sequence[str], target: str, first_token: Tensor,
                 instruction: str = "") -> Tensor:
-    """The loss of the module docstring for a soft hypothesis (``target``: reference or hypothesis); a scalar,
+    """The loss of docs/objectives.md for a soft hypothesis (``target``: reference or hypothesis); a scalar,
     identical on every rank of the LLM's TP group."""
     if target == "reference":
         return prefix_clm(host, soft.embeds, soft.lengths, texts, instruction)[1]

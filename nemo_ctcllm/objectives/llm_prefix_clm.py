@@ -1,20 +1,5 @@
 """``llm_prefix_clm``: the frozen LLM as a linguistic regularizer of the encoder (LAIL, arXiv 2506.22846).
 
-A *connector* after encoder block k (1-based; the last block is allowed) turns the block's output into a
-soft prompt for the frozen LLM, and the LLM's causal-LM loss on the ground-truth transcript, given that
-prompt, is the loss. Its gradient reaches the encoder only through the prompt (the LLM is frozen):
-
-    connector_k(x) = proj( stack_s(x) ),   x [B, T, D] -> [B, ceil(T/s), s*D] -> [B, T', H]
-        stack_s: concatenate s consecutive frames (frames past an utterance's length are zeroed first,
-                 so the last, partial group never sees another utterance's padding); lengths ceil(len/s)
-        proj:    ``linear`` Linear(s*D, H) or ``mlp`` Linear(s*D, H) -> GELU -> Linear(H, H)
-
-    LLM sequence of utterance b (right padded to the batch max, so padding never reaches a valid position):
-        [ BOS | prompt_b (T'_b frames) | instruction tokens | transcript tokens | EOS ]
-    CLM_k = sum_b sum_{u in transcript+EOS} -log p_LLM(y_{b,u} | everything before it)  /  #counted tokens
-
-    loss = sum_k weights[k] * CLM_k          (one LLM pass per connector, as in LAIL; logged as clm_l<k>)
-
 Prompt layout choices: BOS comes first because every LLaMA training sequence starts with it (position 0 is
 the attention sink); the transcript follows the prompt/instruction directly. The transcript is the ASR
 tokenizer's ``ids_to_text`` of the target ids, re-tokenized with the LLM's tokenizer (with a leading space
@@ -26,6 +11,8 @@ Tensor parallelism (:mod:`nemo_ctcllm.objectives.shared.prefix`): the transcript
 and lengths are all-gathered within the LLM's TP group, so every TP rank runs the LLM on the same concatenated
 batch and gets back the gradient of its own prompts (scaled as TP=1 on its own batch). The LLM is only touched
 in ``forward``.
+
+The maths, the YAML block and the cost: docs/objectives.md.
 """
 from __future__ import annotations
 
@@ -78,7 +65,7 @@ class Connector(nn.Module):
 
 
 class LlmPrefixCLM(Objective):
-    """sum_k w_k * CLM_k over the connectors at ``blocks`` (see the module docstring)."""
+    """sum_k w_k * CLM_k over the connectors at ``blocks`` (docs/objectives.md)."""
 
     tp_collective = True  # LLM (TP) and cross-rank gathers: runs on every rank, also with no row
 

@@ -1,21 +1,6 @@
 """``llm_rescoring``: language-aware training by in-training reranking with the frozen LLM (MWER-style).
 
-Per utterance, the CTC N-best y_1..y_N with acoustic log-probabilities a_n = log p_CTC(y_n | x) and LLM
-log-likelihoods l_n (:mod:`nemo_ctcllm.objectives.shared.hypotheses`) are combined as in shallow fusion,
-s_n = κ·a_n + λ·l_n, and turned into a posterior over the N-best, P_n = softmax_n(s_n). The loss is the
-expected number of word errors under that posterior, with the N-best mean as baseline (minimum word error
-rate training, Prabhavalkar et al. 2018, arXiv 1712.01818; Shannon 2017 for the sequence-risk form):
-
-    L = 1/B sum_b sum_n P_bn (W_bn - mean_n W_bn)           W_bn = word errors of y_bn vs the reference
-                                                             (or errors / reference words with ``normalize_risk``)
-    dL/da_bn = κ P_bn (W_bn - sum_m P_bm W_bm) / B
-
-The baseline does not change the gradient (sum_n dP_n = 0); it centres the loss so that it logs the risk
-relative to the N-best. The gradient reaches the encoder through a_n only (-CTC of each hypothesis); the
-N-best search and the LLM run without gradients. As in the MWER literature the term is interpolated with the
-CTC loss: keep ``ctc_final`` in the composition (e.g. weight 1.0 there, 0.1-1.0 here). Logged: the expected
-risk, the word error rate of the acoustic top hypothesis and of the rescored top, and how often the LLM
-changes the top hypothesis (``top_changed``). Off at inference: the model decodes as plain CTC.
+The maths, the YAML block and the cost: docs/objectives.md.
 """
 from __future__ import annotations
 
@@ -32,7 +17,7 @@ from nemo_ctcllm.objectives.shared.tensors import masked_mean, transcripts
 
 
 class LlmRescoring(Objective):
-    """Expected word errors under the LLM-rescored N-best posterior (see the module docstring)."""
+    """Expected word errors under the LLM-rescored N-best posterior (docs/objectives.md)."""
 
     tp_collective = True
 

@@ -1,34 +1,10 @@
 """``llm_reward``: Variant A, Total = CTC - λ·E[log p_LLM(text)], by REINFORCE (Williams 1992).
 
-The CTC model is a policy over outputs y; the reward of y is the frozen LLM's log-likelihood of its text
-(length-normalised by default), optionally minus a word-error term against the reference:
-
-    r(y) = l(y) - β · errors(y, ref) / |ref|            l(y) = log p_LLM(text(y) + EOS | BOS) [/ #LLM tokens]
-    loss = -E_y[r(y)]  (logged value),   gradient = -E_y[(r(y) - b) ∇ log p(y | x)]
-
-``source: sample`` — S frame-level paths π per utterance are drawn from the CTC posteriors (frames
-independent given x), y = collapse(π), and the score function is the *path* log-probability
-log p(π | x) = sum_t log p_t(π_t), an unbiased estimator of ∇E_π[r(collapse(π))]:
-
-    g = -1/(B·S) sum_b sum_s (r_bs - b_bs) ∇ log p(π_bs | x)
-
-  Baselines (their role is variance only; leave-one-out keeps the estimator unbiased, Kool et al. 2019,
-  "Buy 4 REINFORCE samples, get a baseline for free!"): ``none`` b = 0; ``batch_mean`` b = mean reward of the
-  other samples in the batch; ``utterance_mean`` b = mean reward of the other samples of the same utterance.
-
-``source: nbest`` — the N-best from the prefix beam search as the sample set, each weighted by its posterior
-renormalised over the N-best, P_n = softmax_n(a_n), a_n = log p_CTC(y_n | x) (differentiable):
-
-    g = -1/B sum_b sum_n P_bn (r_bn - b_b) ∇ log P_bn   = -∇ 1/B sum_b sum_n P_bn r_bn   (exactly)
-
-  i.e. the exact gradient of the expected reward under the N-best posterior; since sum_n P_n ∇log P_n = 0,
-  every baseline that is constant within an utterance (``batch_mean``: the batch mean; ``utterance_mean``: the
-  utterance's N-best mean) gives the same gradient here: it is kept for a uniform config and only centres
-  the surrogate.
-
 The loss returned has the value -E[r] (mean reward of the samples / expected reward under P) and the
-gradient of the surrogate above (``value + surrogate - surrogate.detach()``). The LLM is frozen and sampled
+gradient of the REINFORCE surrogate (``value + surrogate - surrogate.detach()``). The LLM is frozen and sampled
 texts are scored without gradient; gradients reach the encoder through the CTC log-probabilities only.
+
+The maths, the YAML block and the cost: docs/objectives.md.
 """
 from __future__ import annotations
 
@@ -67,7 +43,7 @@ def mean_of_others(r: Tensor, valid: Tensor, dim, leave_one_out: bool) -> Tensor
 
 
 def baseline_of(r: Tensor, valid: Tensor, kind: str, leave_one_out: bool) -> Tensor:
-    """Baseline [B, S] for rewards r [B, S] (see the module docstring)."""
+    """Baseline [B, S] for rewards r [B, S] (docs/objectives.md)."""
     if kind == "none":
         return torch.zeros_like(r)
     return mean_of_others(r, valid, (0, 1) if kind == "batch_mean" else 1, leave_one_out)
@@ -88,7 +64,7 @@ def sample_paths(log_probs: Tensor, lengths: Tensor, num: int, generator=None) -
 
 
 class LlmReward(Objective):
-    """REINFORCE with the LLM log-likelihood as reward (see the module docstring)."""
+    """REINFORCE with the LLM log-likelihood as reward (docs/objectives.md)."""
 
     tp_collective = True
 

@@ -1,50 +1,6 @@
 """``mlm``: a masked language model reads the soft CTC transcription and predicts its masked tokens.
 
-The greedy hypothesis of the final CTC head (or of the interctc head at ``head_block``) goes through the bridge
-(:mod:`nemo_ctcllm.objectives.shared.bridge`) into the *MLM's* input space: soft token distributions q_n over the ASR
-pieces and embeddings e_n = q_n M_mlm (M_mlm built from the MLM's tokenizer and input embedding table). A random
-fraction ``mask_prob`` of the N positions (at least one per non-empty hypothesis) is replaced by the MLM's
-``[MASK]`` embedding; the MLM reads ``[CLS] ẽ_1 .. ẽ_N [SEP]`` through ``inputs_embeds`` and predicts each
-masked position n. Its prediction over the ASR pieces is
-
-    p_n(v) = softmax_{v in K}( z_n[first(v)] )        z_n: the MLM's logits at n, first(v): the first MLM token
-                                                      of piece v, K: the pieces with an MLM tokenization
-
-and the loss is the divergence of the MLM's prediction from the CTC posteriors at the masked positions:
-
-    L = 1/|masked| sum_{n masked} KL(q_n || p_n) = 1/|masked| sum_{n masked} sum_v q_n(v) (log q_n(v) - log p_n(v))
-
-Why this loss. The masked tokens of the *hypothesis* are the target because nothing else is aligned with the
-hypothesis' positions (the reference has another length; aligning it would need a second alignment and puts
-the CTC loss' job into this term). With hard argmax labels the loss would carry no gradient into the
-posteriors; with q as the soft label, d L / d q_n(v) = (log q_n(v) - log p_n(v) + 1) / |masked|: at every
-masked position the encoder is pushed towards the pieces that the MLM, reading the *context*, finds more
-likely than the CTC head does, and away from those it finds implausible -- a language-structure gradient. The
-context (unmasked soft embeddings) is differentiable too, so the neighbours' posteriors also receive the
-gradient that would make the masked token more predictable. KL rather than the soft-label cross-entropy
--sum q log p: the two differ by the entropy H(q_n), whose minimisation would only sharpen the CTC posteriors
-(a confidence penalty in reverse), not move them towards the language model; with a fine-tuned MLM both give
-the MLM the same gradient. The CTC terms keep the posteriors anchored to the audio (alone, this term would
-prefer whatever the MLM predicts).
-
-``finetune: false`` (default): the MLM is frozen (eval mode, ``requires_grad=False``) and, like the LLM, kept
-out of the module tree (never in ``state_dict``, the ``.nemo`` or the optimizer); it is loaded on the first
-step from ``model_dir``. ``finetune: true``: the MLM is loaded at construction and registered as a submodule,
-so the optimizer trains it on the same loss (it learns to predict the CTC transcriptions of the training
-audio, the "fine-tuned" variant of the issue); its input embeddings stay frozen so that M_mlm stays valid.
-Either way it is training-only and dropped at export. (The issue's other route, a prediction head on the
-encoder that predicts masked tokens, needs no external MLM and is the territory of ``joint_lm``; it is not
-duplicated here.)
-
-Any Hugging Face ``AutoModelForMaskedLM`` folder works (BERT, DistilBERT, RoBERTa, ...; it must accept
-``inputs_embeds`` and have a mask token). ``scripts/train_mlm.py --asr-tokenizer <ASR tokenizer>`` trains the
-recommended one: a small BERT whose vocabulary *is* the ASR pieces, so M_mlm is exact (one MLM token per piece)
-and the MLM has read text segmented exactly as the CTC head segments it. An MLM with its own tokenizer reads the
-hypothesis one ASR piece per position, each piece as the mean embedding of its MLM tokens: with a small ASR
-vocabulary that is text split into near-characters, which such an MLM has never seen (measured with a byte-level
-BPE MLM: its top piece at masked positions of correct transcripts was right 3.9 % of the time). With a
-WordPiece tokenizer word-internal ASR pieces also map to whole-word tokens. Hypotheses longer than the MLM's
-positions are truncated.
+The maths, the YAML block and the cost: docs/objectives.md.
 """
 from __future__ import annotations
 
@@ -98,7 +54,7 @@ def kept_positions(mlm, n: int) -> int:
 
 
 def mlm_soft_label_loss(mlm, mlm_tokenizer, pmap: PieceMap, soft: SoftText, mask: Tensor) -> Tuple[Tensor, Tensor]:
-    """The loss of the module docstring for a given mask [B, N] (True = masked).
+    """The loss of docs/objectives.md for a given mask [B, N] (True = masked).
 
     Returns (loss: mean over masked positions, accuracy: how often the MLM's top piece is the greedy token).
     Masked positions past the truncation are dropped; with none left the loss is 0 (still attached to the
@@ -130,7 +86,7 @@ def mlm_soft_label_loss(mlm, mlm_tokenizer, pmap: PieceMap, soft: SoftText, mask
 
 
 class MaskedLMObjective(Objective):
-    """KL(CTC posteriors || MLM prediction) at masked positions of the soft CTC transcription (module docstring)."""
+    """KL(CTC posteriors || MLM prediction) at masked positions of the soft CTC transcription (docs/objectives.md)."""
 
     def __init__(self, name, weight, warmup_steps, reader: SoftHypothesis, model_dir: str, mask_prob: float,
                  finetune: bool, every_n_steps: int = 1):
@@ -150,7 +106,7 @@ class MaskedLMObjective(Objective):
         if mlm is None:
             mlm, self.mlm_tokenizer = load_mlm(self.model_dir)
             mlm.eval().requires_grad_(False)
-            self.__dict__["_frozen_mlm"] = mlm  # plain attribute: not a submodule (see the module docstring)
+            self.__dict__["_frozen_mlm"] = mlm  # plain attribute: not a submodule (docs/objectives.md)
         return mlm.to(device), self.mlm_tokenizer
 
     def forward(self, ctx: StepContext) -> Tuple[Tensor, Stats]:
