@@ -1,38 +1,6 @@
 """``llm_pseudo_label``: the best of the N-best as a pseudo-label (regularizer and semi-supervised).
 
-Per utterance the CTC N-best y_1..y_N is searched in an un-augmented pass of the batch (``source: clean``, the
-default: the model in eval mode, no gradient; :mod:`nemo_ctcllm.objectives.shared.hypotheses`) and ranked by
-
-    ``ranker: llm``       r_n = κ·a'_n + λ·l_n   (acoustic log-probability of the clean pass plus λ times the
-                                                  frozen LLM's log-likelihood; Variant B)
-    ``ranker: acoustic``  r_n = κ·a'_n           (no LLM: greedy self-training, the control arm of
-                                                  semi-supervised training; the top acoustic hypothesis)
-
-The best, y*, is the pseudo-label. Its confidence is its posterior over the N-best at a per-token temperature,
-
-    c = softmax_n( r_n / (T · L) )[*]            L = |y*| + 1 (ASR tokens of y*, plus one) with
-                                                 ``confidence_length_normalize``, else 1; T = ``confidence_temperature``
-
-A sequence log-probability grows with the utterance, so the plain softmax (L = 1, T = 1) puts nearly all mass on
-the best hypothesis of any utterance longer than a few tokens and a threshold filters nothing; per token, the
-score gaps are those of one decision and c spreads over (0, 1). L depends on y* only, so the ranking is
-unchanged. Rows with c >= ``confidence_threshold`` are kept (the filtering of pseudo-labelling, e.g. Kahn et
-al. 2020, arXiv 1909.09116; Higuchi et al. 2021, arXiv 2104.08416) and trained with
-
-    ``ctc``     L_b = -log p_CTC(y* | x)                     (CTC loss on the pseudo-label)
-    ``margin``  L_b = mean_{n != *} max(0, m - (a_* - a_n))    (prefer y* over the other hypotheses by m nats)
-    ``both``    their sum;        loss = mean over kept rows (0 when none is kept)
-
-where a_n is the log-probability under the training pass (SpecAugment'ed while training, with gradient): the
-label comes from the clean view, the student learns it from the augmented one. ``source: train`` searches and
-ranks in the training pass itself (the behaviour before the clean pass existed, kept for comparison).
-
-Two uses (both may be on): ``labelled: true`` applies it to rows that have a transcript (a regularizer that
-pulls the model towards the preferred reading of its own N-best); ``unlabelled: true`` applies it to rows
-without one: manifest lines with no ``text`` key (semi-supervised training). With ``unlabelled: true`` the
-model marks rows with an empty target as unlabelled (``StepContext.labelled``) and every objective that needs
-a reference (CTC heads, ...) sees only the labelled rows (:func:`nemo_ctcllm.objectives.base.compose_loss`).
-The search, the clean pass and the LLM run without gradients; the loss reaches the encoder through a_n.
+The maths, the YAML block and the cost: docs/objectives.md.
 """
 from __future__ import annotations
 
