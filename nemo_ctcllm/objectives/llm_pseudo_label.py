@@ -32,7 +32,7 @@ def pseudo_label_confidence(rank: Tensor, lengths: Tensor, best: Tensor, tempera
 
 
 class LlmPseudoLabel(Objective):
-    """CTC (and/or margin) loss on the best-ranked clean-pass hypothesis (see the module docstring)."""
+    """CTC (and/or margin) loss on the best-ranked clean-pass hypothesis (docs/objectives.md)."""
 
     def __init__(self, name, weight, warmup_steps, settings: SearchSettings, loss: str, margin: float,
                  confidence_threshold: float, labelled: bool, unlabelled: bool, every_n_steps: int = 1,
