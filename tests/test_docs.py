@@ -1,6 +1,6 @@
 """The docs agree with the repository: docs/objectives.md shows every objective's YAML block exactly as the
-recipe has it, every percentage the README quotes is in docs/RESULTS.md, and every file, module and make
-target the pages name exists."""
+recipe has it, every percentage the README quotes is in docs/RESULTS.md, and every file, module, make target
+and relative link the pages name exists."""
 import pathlib
 import re
 
@@ -51,7 +51,7 @@ def test_readme_figures_are_in_results():
     assert not missing, f"README quotes figures that docs/RESULTS.md does not have: {missing}"
 
 
-def test_named_files_modules_and_make_targets_exist():
+def test_named_files_modules_make_targets_and_links_exist():
     makefile = _read("Makefile")
     targets = set(re.findall(r"^([\w-]+):", makefile, flags=re.MULTILINE))
     missing = set()
@@ -64,6 +64,9 @@ def test_named_files_modules_and_make_targets_exist():
             base = REPO / module.replace(".", "/")
             if not (base.with_suffix(".py").exists() or (base / "__main__.py").exists()):
                 missing.add(f"{page}: python -m {module}")
+        for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):  # relative links of the page
+            if "://" not in link and not (REPO / page).parent.joinpath(link).exists():
+                missing.add(f"{page}: link {link}")
         for target in re.findall(r"\bmake ([a-z][\w-]*)", text):
             if target not in targets:
                 missing.add(f"{page}: make {target}")
