@@ -1,52 +1,5 @@
 """Token-level (frame-level) contrastive learning on the encoder output: SimCLR or BYOL (``token_contrastive``).
 
-Two views of one utterance that keep frame alignment:
-
-* view A is the model's own training forward, ``ctx.encoded`` [B, D, T] (SpecAugment'ed by the model when
-  it trains);
-* view B is a second pass: the model's preprocessor (``ctx.env.preprocessor``) on ``ctx.signal`` (plus Gaussian
-  noise at ``noise_snr_db`` when set), then this block's own ``SpectrogramAugmentation`` (its own mask settings,
-  so the views differ), then the encoder.
-
-Time/frequency masks and additive noise move no frame, so frame t of view A and frame t of view B are a
-positive pair (valid frames t < encoded_len only).
-
-``mode: simclr`` (Chen et al. 2020, frame-level as in wav2vec-style InfoNCE). A projection head g (2-layer
-MLP, D -> D -> proj_dim) and L2 normalisation give z = g(h) / ||g(h)||. At most ``frames_per_utt`` valid
-frames are sampled per utterance (seeded by the training step), N frames in all; with a_i, b_i the two views'
-z of sampled frame i and tau = ``temperature``:
-
-    ``negatives: cross_view``   L_A->B = -1/N sum_i log( exp(a_i . b_i / tau) / sum_j exp(a_i . b_j / tau) ),
-                                L = (L_A->B + L_B->A) / 2: the negatives of a frame are the N - 1 other sampled
-                                frames of the *other* view;
-    ``negatives: nt_xent``      NT-Xent (Chen et al. 2020, eq. 1) over the 2N vectors u = [a; b]:
-                                L = -1/2N sum_k log( exp(u_k . u_k+ / tau) / sum_{m != k} exp(u_k . u_m / tau) ),
-                                k+ the other view of frame k: 2N - 2 negatives (both views' other frames).
-
-Sampled frames of the same utterance are negatives too, but a neighbour a few 40 ms frames away often carries the
-same sound: ``exclude_window: w`` removes from the denominator every frame of the same utterance within w encoder
-frames of the anchor (|t_m - t_k| <= w; the positive stays). w = 0 excludes nothing.
-
-Defaults (``cross_view``, ``exclude_window: 0``): the configuration the ablation benchmark measured (its simclr
-row, docs/RESULTS.md); NT-Xent and the window are offered but unmeasured, so they are not the default until a run
-shows what they do to WER.
-
-``mode: byol`` (Grill et al. 2020). Online = model.encoder + projector g + predictor q; target = an EMA copy
-of encoder + projector (xi <- d * xi + (1 - d) * theta, d = ``ema_decay``, once per optimizer step at the
-start of the first training batch of that step, by the :meth:`Objective.before_training_step` hook; buffers
-such as BatchNorm statistics are copied). The
-target has ``requires_grad=False``, runs under ``no_grad``, never enters the optimizer and is dropped at
-export with the rest of the objective. With p = q(g(online(view))) / ||.|| and z' = g'(target(view)) / ||.||
-on every valid frame:
-
-    l(p, z') = 2 - 2 p . z'          (mean over valid frames)
-    L = ( l(p_A, z'_B) + l(p_B, z'_A') ) / 2
-
-A' is a fresh draw of view A's augmentation (the model's own SpecAugment on the un-noised features): the
-masks drawn inside the model's forward are not exposed in the StepContext, so the target cannot see view A
-exactly; with ``model.spec_augment: null`` A' is A. Nothing in BYOL's loss forbids collapse by itself; here
-the CTC terms anchor the same encoder, which keeps it from collapsing (and l is then a consistency term).
-
 The target is a deep copy of the model's encoder (``env.encoder``) with every forward hook removed (the copy
 would otherwise run the online model's self-conditioning hooks, which close over the online heads), and every
 extra encoder pass (online view B and target) runs with the model's AccessMixin capture switched off, so no tensor is
@@ -54,9 +7,7 @@ registered into the InterCTC capture registry and no self-conditioning stash is 
 the model's ``model_guid`` because ``propagate_model_guid`` walks every submodule). With self-conditioning on,
 the target therefore is the encoder without the conditioning.
 
-Cost: one extra online encoder forward (and its backward) per training step for view B; BYOL adds two
-no-grad target forwards (views B and A'). In eval mode (validation) nothing is augmented, view B is
-``ctx.encoded`` itself (no extra forward) and BYOL runs one target forward.
+The maths, the YAML block and the cost: docs/objectives.md.
 """
 from __future__ import annotations
 
@@ -135,8 +86,8 @@ def near_frames(utt: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tens
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, negatives: str = "cross_view",
              exclude: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """InfoNCE of paired unit vectors a, b [N, P] (row i of a and b is a positive pair), with the negatives of the
-    module docstring. ``exclude`` [N, N] bool: pairs (i, j) that are never negatives of each other (the positive
+    """InfoNCE of paired unit vectors a, b [N, P] (row i of a and b is a positive pair), with the negatives of
+    ``negatives`` (docs/objectives.md). ``exclude`` [N, N] bool: pairs (i, j) that are never negatives of each other (the positive
     and the anchor itself are handled here).
 
     Returns (loss, top-1 accuracy of retrieving the positive, averaged over anchors).
@@ -169,7 +120,7 @@ def add_noise(signal: torch.Tensor, lengths: torch.Tensor, snr_db: float) -> tor
 
 # ---------------------------------------------------------------------------------------------- the objective
 class TokenContrastive(Objective):
-    """SimCLR or BYOL between frame-aligned views of each utterance (see the module docstring)."""
+    """SimCLR or BYOL between frame-aligned views of each utterance (docs/objectives.md)."""
 
     def __init__(self, name: str, weight: float, warmup_steps: int, width: int, block: "TokenContrastiveConfig",
                  every_n_steps: int = 1):
