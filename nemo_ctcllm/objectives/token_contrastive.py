@@ -87,8 +87,8 @@ def near_frames(utt: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tens
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, negatives: str = "cross_view",
              exclude: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE of paired unit vectors a, b [N, P] (row i of a and b is a positive pair), with the negatives of
-    ``negatives`` (docs/objectives.md). ``exclude`` [N, N] bool: pairs (i, j) that are never negatives of each other (the positive
-    and the anchor itself are handled here).
+    ``negatives`` (docs/objectives.md). ``exclude`` [N, N] bool: pairs (i, j) that are never negatives of each
+    other (the positive and the anchor itself are handled here).
 
     Returns (loss, top-1 accuracy of retrieving the positive, averaged over anchors).
     """
