@@ -353,7 +353,7 @@ def part_train(args, work: Path) -> dict:
         "model.objectives.llm_prefix_clm.enabled=true", "model.objectives.clip.enabled=true",
         f"trainer.max_steps={args.steps}", f"trainer.precision={args.precision}", "trainer.devices=1",
         "trainer.check_val_every_n_epoch=1000", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-        "trainer.strategy=auto", "+model.train_ds.concurrent_bucketing=false", "model.train_ds.num_workers=0",
+        "trainer.strategy=auto", "model.train_ds.num_workers=0",
         "model.train_ds.batch_duration=40", "model.train_ds.num_buckets=2", "model.train_ds.pin_memory=false",
         "model.validation_ds.num_workers=0", f"exp_manager.exp_dir={work / 'exp'}",
         "exp_manager.create_checkpoint_callback=false", "exp_manager.resume_if_exists=false",
