@@ -60,6 +60,8 @@ demo: install
 
 # LLM_TEST_TP3=1 adds the real SmolLM2 at tensor-parallel size 3 (3 processes, ~25 s on 2 cores).
 test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	LLM_TEST_TP3=1 $(PYTHON) -m pytest -q tests
 
 # The wheels that scripts/gpu_check.py needs on a bare GPU machine (Python 3.12, x86-64; torch, lightning,

@@ -7,6 +7,7 @@ overrides, in its own experiment folder (so a killed run resumes from its last c
 evaluation split. Its metrics go to ``<results>/<name>_s<seed>.json``; a run whose file exists is not redone,
 so the table fills in over several sittings and is regenerated from those files alone.
 """
+
 from __future__ import annotations
 
 import glob
@@ -49,7 +50,9 @@ class Run:
 def combine(name: str, parts: Sequence[Run], seeds: Sequence[int] = (0, 1)) -> Run:
     """One run training the objectives of ``parts`` together, each with the settings of its own run."""
     overrides = list(dict.fromkeys(o for r in parts for o in r.overrides))  # the shared LLM path once
-    return Run(name, overrides, seeds=seeds, parts=tuple(parts), note="combination: " + " + ".join(r.name for r in parts))
+    return Run(
+        name, overrides, seeds=seeds, parts=tuple(parts), note="combination: " + " + ".join(r.name for r in parts)
+    )
 
 
 def on(name: str, **keys) -> List[str]:
@@ -69,22 +72,44 @@ RUNS: List[Run] = [
     Run("clip", [SMOLLM2, *on("clip", weight=0.1)], bench_variant="interctc_clip"),
     # The LLM objectives cost 3-15x a plain step on 2 CPU cores (docs/RESULTS.md section 2); at the fixed step
     # budget they run every k-th step (every_n_steps) so that a run fits a sitting.
-    Run("llm_prefix_clm", [SMOLLM2, *on("llm_prefix_clm", weight=0.3, blocks="[3,6]", weights="[0.5,0.5]", stack=8,
-                                        every_n_steps=8)], bench_variant="interctc_llm_prefix_clm"),
-    Run("llm_rescoring", [SMOLLM2, *on("llm_rescoring", weight=0.5, nbest=4, every_n_steps=4)],
-        bench_variant="llm_rescoring_n4"),
-    Run("llm_reward", [SMOLLM2, *on("llm_reward", weight=0.05, num_samples=4, every_n_steps=8)],
-        bench_variant="llm_reward_sample4"),
-    Run("llm_pseudo_label", [SMOLLM2, *on("llm_pseudo_label", weight=0.3, nbest=8, every_n_steps=4)],
-        bench_variant="llm_pseudo_label_n8"),
-    Run("llm_lm_loss", [SMOLLM2, *on("llm_lm_loss", weight=0.1, every_n_steps=4)], bench_variant="interctc_llm_lm_loss"),
-    Run("mlm", on("mlm", weight=0.1, model_dir="artifacts/mlm/bert-mlm-wordnet"), bench_variant="interctc_mlm",
-        note="needs `make mlm`"),
+    Run(
+        "llm_prefix_clm",
+        [SMOLLM2, *on("llm_prefix_clm", weight=0.3, blocks="[3,6]", weights="[0.5,0.5]", stack=8, every_n_steps=8)],
+        bench_variant="interctc_llm_prefix_clm",
+    ),
+    Run(
+        "llm_rescoring",
+        [SMOLLM2, *on("llm_rescoring", weight=0.5, nbest=4, every_n_steps=4)],
+        bench_variant="llm_rescoring_n4",
+    ),
+    Run(
+        "llm_reward",
+        [SMOLLM2, *on("llm_reward", weight=0.05, num_samples=4, every_n_steps=8)],
+        bench_variant="llm_reward_sample4",
+    ),
+    Run(
+        "llm_pseudo_label",
+        [SMOLLM2, *on("llm_pseudo_label", weight=0.3, nbest=8, every_n_steps=4)],
+        bench_variant="llm_pseudo_label_n8",
+    ),
+    Run(
+        "llm_lm_loss", [SMOLLM2, *on("llm_lm_loss", weight=0.1, every_n_steps=4)], bench_variant="interctc_llm_lm_loss"
+    ),
+    Run(
+        "mlm",
+        on("mlm", weight=0.1, model_dir="artifacts/mlm/bert-mlm-wordnet"),
+        bench_variant="interctc_mlm",
+        note="needs `make mlm`",
+    ),
     # forward and backward through the LLM on the soft hypothesis, like llm_lm_loss: ~5x a plain step in this
     # benchmark's training (3.0 s vs 0.6 s, one thread; section 2's 1.67x is 8 utterances through an untrained
     # model), so every 4th step, like llm_lm_loss
-    Run("lang_contrastive", [SMOLLM2, *on("lang_contrastive", weight=0.1, every_n_steps=4)], seeds=(0, 1),
-        bench_variant="interctc_lang_contrastive"),
+    Run(
+        "lang_contrastive",
+        [SMOLLM2, *on("lang_contrastive", weight=0.1, every_n_steps=4)],
+        seeds=(0, 1),
+        bench_variant="interctc_lang_contrastive",
+    ),
 ]
 # The best combination: the two objectives with the lowest test WER once 14 of the 16 single runs were in
 # (lang_contrastive 73.2, llm_reward 73.3 vs the control's 74.2 ± 0.1), chosen before llm_rescoring and
@@ -102,22 +127,37 @@ def variant(base: str, suffix: str, note: str, seeds: Sequence[int] = (0,), **ke
     block = next(o.split(".")[2] for o in run.overrides if o.endswith(".enabled=true"))
     changed = {f"model.objectives.{block}.{k}": v for k, v in keys.items()}
     kept = [o for o in run.overrides if o.split("=", 1)[0] not in changed]
-    return Run(f"{base}_{suffix}", kept + [f"{k}={v}" for k, v in changed.items()], seeds=seeds,
-               bench_variant=run.bench_variant, note=f"tuning {base}: {note}")
+    return Run(
+        f"{base}_{suffix}",
+        kept + [f"{k}={v}" for k, v in changed.items()],
+        seeds=seeds,
+        bench_variant=run.bench_variant,
+        note=f"tuning {base}: {note}",
+    )
 
 
 # Tuning: the objectives closest to the control, with a larger weight, a warm-up or another layer. joint_lm at
 # weight 1.0 was the one beyond the noise floor after its first seed, so it got a second.
 RUNS += [
     variant("llm_reward", "w0.2", "weight 0.05 -> 0.2", weight=0.2),
-    variant("lang_contrastive", "head3", "on the intermediate CTC head (block 3) instead of the final one",
-            head_block=3),
-    variant("joint_lm", "w1_warm300", "weight 0.3 -> 1.0, ramped in over the first 300 steps",
-            seeds=(0, 1), weight=1.0, warmup_steps=300),
+    variant(
+        "lang_contrastive", "head3", "on the intermediate CTC head (block 3) instead of the final one", head_block=3
+    ),
+    variant(
+        "joint_lm",
+        "w1_warm300",
+        "weight 0.3 -> 1.0, ramped in over the first 300 steps",
+        seeds=(0, 1),
+        weight=1.0,
+        warmup_steps=300,
+    ),
 ]
 
-EVAL_SPLITS = {"dev": "dev_manifest.json", "test": "test_manifest.json",
-               "test_unseen_engine": "test_unseen_engine_manifest.json"}
+EVAL_SPLITS = {
+    "dev": "dev_manifest.json",
+    "test": "test_manifest.json",
+    "test_unseen_engine": "test_unseen_engine_manifest.json",
+}
 
 # The benchmark trains on the first 3,000 training utterances of the demo corpus (the demo itself grew to 10,000
 # later). The corpus plan is prefix-stable (utterance i of a split depends only on seed, split and i), so these
@@ -144,8 +184,10 @@ def prepare_corpus(data_dir: str, work: str, n: int = TRAIN_UTTERANCES, vocab_si
     params = json.load(open(params_path))
     have = params["sizes"]["train"]
     if params["seed"] != 0 or have < n:
-        raise ValueError(f"{params_path}: the benchmark needs the seed-0 demo corpus with at least {n} training "
-                         f"utterances (this one: seed {params['seed']}, {have})")
+        raise ValueError(
+            f"{params_path}: the benchmark needs the seed-0 demo corpus with at least {n} training "
+            f"utterances (this one: seed {params['seed']}, {have})"
+        )
     with open(os.path.join(data_dir, "train_manifest.json"), encoding="utf-8") as f:
         lines = [next(f) for _ in range(n)]
     os.makedirs(work, exist_ok=True)
@@ -169,8 +211,12 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
         # results and reports (docs/) being rewritten by other runs don't make the code dirty
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"],
-                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
@@ -182,9 +228,15 @@ def result_path(results: str, run: str, seed: int) -> str:
 
 def train_command(run: Run, seed: int, work: str, config: str, extra: Sequence[str]) -> List[str]:
     return [
-        sys.executable, os.path.join(REPO, "scripts", "train.py"), f"--config-name={config}",
-        f"seed={seed}", f"exp_manager.exp_dir={os.path.join(work, f'{run.name}_s{seed}')}",
-        f"name={run.name}", "exp_manager.checkpoint_callback_params.save_top_k=1", *extra, *run.overrides,
+        sys.executable,
+        os.path.join(REPO, "scripts", "train.py"),
+        f"--config-name={config}",
+        f"seed={seed}",
+        f"exp_manager.exp_dir={os.path.join(work, f'{run.name}_s{seed}')}",
+        f"name={run.name}",
+        "exp_manager.checkpoint_callback_params.save_top_k=1",
+        *extra,
+        *run.overrides,
     ]
 
 
@@ -216,9 +268,9 @@ def train_step_seconds(exp_dir: str) -> Optional[float]:
 
 def score_export(infer: str, data_dir: str, label: str, log=print) -> dict:
     """Greedy-CTC WER/CER (with the per-engine breakdown) of an exported model on every evaluation split."""
-    import nemo_ctcllm  # noqa: F401
     from nemo.collections.asr.models import ASRModel
 
+    import nemo_ctcllm  # noqa: F401
     from nemo_ctcllm.evaluate import evaluate
 
     model = ASRModel.restore_from(infer, map_location="cpu")
@@ -228,8 +280,11 @@ def score_export(infer: str, data_dir: str, label: str, log=print) -> dict:
         if os.path.isfile(path):
             metrics[split] = evaluate(model, path)
             log(f"  {label} {split}: WER {100 * metrics[split]['wer']:.1f} CER {100 * metrics[split]['cer']:.1f}")
-    return {"metrics": metrics, "exported_params": sum(p.numel() for p in model.parameters()),
-            "exported_nemo_bytes": os.path.getsize(infer)}
+    return {
+        "metrics": metrics,
+        "exported_params": sum(p.numel() for p in model.parameters()),
+        "exported_nemo_bytes": os.path.getsize(infer),
+    }
 
 
 def portable_command(cmd: Sequence[str], work: str) -> str:
@@ -242,8 +297,18 @@ def portable_command(cmd: Sequence[str], work: str) -> str:
     return text.replace(REPO + os.sep, "")
 
 
-def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, config: str, extra: Sequence[str],
-            train_utterances: Optional[int] = None, log=print) -> dict:
+def run_one(
+    run: Run,
+    seed: int,
+    *,
+    work: str,
+    results: str,
+    data_dir: str,
+    config: str,
+    extra: Sequence[str],
+    train_utterances: Optional[int] = None,
+    log=print,
+) -> dict:
     """Train (or resume) one run, export it, score it, write its result file; returns the result."""
     from nemo_ctcllm.export import export_for_inference
 
@@ -266,13 +331,23 @@ def run_one(run: Run, seed: int, *, work: str, results: str, data_dir: str, conf
     scored = score_export(infer, data_dir, f"{run.name} s{seed}", log)
     curve = dev_curve(exp_dir)
     result = {
-        "run": run.name, "seed": seed, "overrides": run.overrides, "note": run.note,
+        "run": run.name,
+        "seed": seed,
+        "overrides": run.overrides,
+        "note": run.note,
         "command": portable_command(cmd, work),
-        "commit": commit, "sitting": sitting_id(), "wall_s_last_sitting": round(wall, 1),
-        "steps": int(curve[-1][0]) if curve else None, "dev_curve": curve, **scored,
+        "commit": commit,
+        "sitting": sitting_id(),
+        "wall_s_last_sitting": round(wall, 1),
+        "steps": int(curve[-1][0]) if curve else None,
+        "dev_curve": curve,
+        **scored,
         "train_step_s_mean": train_step_seconds(exp_dir),
-        "bench_variant": run.bench_variant, "every_n_steps": run.every, "cost_parts": run.cost_parts,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "train_utterances": train_utterances,
+        "bench_variant": run.bench_variant,
+        "every_n_steps": run.every,
+        "cost_parts": run.cost_parts,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "train_utterances": train_utterances,
     }
     os.makedirs(results, exist_ok=True)
     with open(result_path(results, run.name, seed), "w") as f:
@@ -319,12 +394,18 @@ def _cost_cells(result: dict, bench: dict) -> Tuple[str, str]:
     peak = max(b["peak_ratio"] for b, _ in measured)
     if len(measured) > 1:
         return f"{cost:.2f} (sum of its parts)", f"≥ {peak:.2f}"
-    (b, k), = measured
+    ((b, k),) = measured
     return (f"{cost:.2f} ({b['ratio']:.2f} every {k} steps)" if k > 1 else f"{b['ratio']:.2f}"), f"{peak:.2f}"
 
 
-def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, order: Sequence[str] = (),
-              reference_json: Optional[str] = None, prefix: str = "ablation") -> str:
+def summarise(
+    results: str,
+    plots_dir: str,
+    bench_json: Optional[str] = None,
+    order: Sequence[str] = (),
+    reference_json: Optional[str] = None,
+    prefix: str = "ablation",
+) -> str:
     """The ablation table (markdown) and two PNG plots (<prefix>_dev_wer.png, <prefix>_test_wer.png), from the
     per-run files only; ``reference_json`` (the benchmarks/whisper_reference.py summary) adds the external
     yardstick as the last row."""
@@ -378,8 +459,10 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
             m, spread = _mean_spread([100 * s[key] for s in found])
             return f"{m:.1f}" + (f" ± {spread / 2:.1f}" if spread is not None else "")
 
-        return (f"{cell('dev')} | {cell('test')} | {cell('test', 'cer')} | {cell('test', engine='espeak-ng')} | "
-                f"{cell('test_unseen_engine')}")
+        return (
+            f"{cell('dev')} | {cell('test')} | {cell('test', 'cer')} | {cell('test', engine='espeak-ng')} | "
+            f"{cell('test_unseen_engine')}"
+        )
 
     lines = [
         "| run | seeds | dev WER | test WER | test CER | test WER, espeak-ng voices | unseen-engine WER | "
@@ -401,17 +484,20 @@ def summarise(results: str, plots_dir: str, bench_json: Optional[str] = None, or
         name = f"{ref['model_id'].split()[0]}, beam {ref['decoding']['beam_size']}"
         lines.append(f"| *reference: {name}* | — | {scores([{'metrics': ref['splits']}])} | — | — | — | — | — | — |")
     lines.append("")
-    lines.append("WER/CER in %, greedy CTC, exported model (no LLM), text normalised by nemo_ctcllm.evaluate (the "
-                 "reference row: the same scorer on Whisper's output). "
-                 "± is half the min–max spread over seeds; a change of test WER smaller than the largest min–max spread "
-                 "over seeds of any run (the noise floor: " + (f"{floor:.1f} points" if floor is not None else "n/a")
-                 + ") is reported as no difference. "
-                 "Step time and peak memory: benchmarks/bench_step.py (same batch, same process); an objective that "
-                 "runs every k steps costs 1 + (r - 1) / k of its measured ratio r on average. \"In training\": the "
-                 "mean step time Lightning logged during the run (every 25th step here; one thread, beside another "
-                 "run, so rough) over plain CTC's in the same sitting (machine boot; files without one: over the "
-                 "plain runs of the sittings before it was recorded), averaged over seeds; runs with another thread "
-                 "count are left out of it. Commits and exact commands are in each run's file.")
+    lines.append(
+        "WER/CER in %, greedy CTC, exported model (no LLM), text normalised by nemo_ctcllm.evaluate (the "
+        "reference row: the same scorer on Whisper's output). "
+        "± is half the min–max spread over seeds; a change of test WER smaller than the largest min–max spread "
+        "over seeds of any run (the noise floor: "
+        + (f"{floor:.1f} points" if floor is not None else "n/a")
+        + ") is reported as no difference. "
+        "Step time and peak memory: benchmarks/bench_step.py (same batch, same process); an objective that "
+        'runs every k steps costs 1 + (r - 1) / k of its measured ratio r on average. "In training": the '
+        "mean step time Lightning logged during the run (every 25th step here; one thread, beside another "
+        "run, so rough) over plain CTC's in the same sitting (machine boot; files without one: over the "
+        "plain runs of the sittings before it was recorded), averaged over seeds; runs with another thread "
+        "count are left out of it. Commits and exact commands are in each run's file."
+    )
     lines += ["", *_paired_vs_control(by_run, names)]
     _plots(by_run, names, plots_dir, floor, prefix)
     return "\n".join(lines) + "\n"
@@ -421,28 +507,41 @@ def _paired_vs_control(by_run: Dict[str, List[dict]], names: Sequence[str]) -> L
     """Test WER minus the control's, seed by seed. A seed fixes the initialisation and the data order of every
     run, and its own effect is shared (a seed that trains badly does so for all runs), so per-seed differences
     vary less than the runs' means; an effect shows as differences of one sign on every shared seed."""
-    control = {r["seed"]: 100 * r["metrics"]["test"]["wer"] for r in by_run.get("interctc", []) if "test" in r["metrics"]}
+    control = {
+        r["seed"]: 100 * r["metrics"]["test"]["wer"] for r in by_run.get("interctc", []) if "test" in r["metrics"]
+    }
     rows = []
     for n in names:
-        diffs = {r["seed"]: 100 * r["metrics"]["test"]["wer"] - control[r["seed"]]
-                 for r in by_run[n] if r["seed"] in control and "test" in r["metrics"]}
+        diffs = {
+            r["seed"]: 100 * r["metrics"]["test"]["wer"] - control[r["seed"]]
+            for r in by_run[n]
+            if r["seed"] in control and "test" in r["metrics"]
+        }
         if n == "interctc" or not diffs:
             continue
         d = [diffs[k] for k in sorted(diffs)]
-        verdict = ("lower on every seed" if max(d) < 0 else "higher on every seed" if min(d) > 0 else "mixed")
+        verdict = "lower on every seed" if max(d) < 0 else "higher on every seed" if min(d) > 0 else "mixed"
         verdict = verdict if len(d) > 1 else "one seed"
-        rows.append(f"| {n} | {', '.join(f's{k} {diffs[k]:+.1f}' for k in sorted(diffs))} | "
-                    f"{statistics.mean(d):+.1f} | {verdict} |")
+        rows.append(
+            f"| {n} | {', '.join(f's{k} {diffs[k]:+.1f}' for k in sorted(diffs))} | "
+            f"{statistics.mean(d):+.1f} | {verdict} |"
+        )
     if not rows:
         return []
-    return ["Test WER minus the control's, seed by seed (same seed: same initialisation and data order, so the "
-            "seed's own effect cancels). Without any effect, one sign on all of n seeds still happens by chance "
-            "with probability 2^(1-n): 1/2 for two seeds, 1/4 for three.", "", "| run | per seed (points) | mean | sign |", "|---|---|---|---|",
-            *rows]
+    return [
+        "Test WER minus the control's, seed by seed (same seed: same initialisation and data order, so the "
+        "seed's own effect cancels). Without any effect, one sign on all of n seeds still happens by chance "
+        "with probability 2^(1-n): 1/2 for two seeds, 1/4 for three.",
+        "",
+        "| run | per seed (points) | mean | sign |",
+        "|---|---|---|---|",
+        *rows,
+    ]
 
 
-def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str, floor: Optional[float],
-           prefix: str) -> None:
+def _plots(
+    by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str, floor: Optional[float], prefix: str
+) -> None:
     """<prefix>_dev_wer.png: one panel per run, its dev curve(s) over the intermediate-CTC control's seed band
     (grey) and plain CTC (dashed). <prefix>_test_wer.png: every seed's final WER per run and split, with the
     control's mean and, on test, the noise floor around it (a run whose mean lies there is no different) and
@@ -459,8 +558,11 @@ def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str, 
     def band(run: str):  # per validation (the i-th of each seed: their steps differ by a few): step, min, max
         curves = [r["dev_curve"] for r in by_run.get(run, []) if r["dev_curve"]]
         points = list(zip(*curves))  # [((step, wer) of each seed) for the i-th validation]
-        return ([statistics.mean(s for s, _ in p) for p in points], [100 * min(w for _, w in p) for p in points],
-                [100 * max(w for _, w in p) for p in points])
+        return (
+            [statistics.mean(s for s, _ in p) for p in points],
+            [100 * min(w for _, w in p) for p in points],
+            [100 * max(w for _, w in p) for p in points],
+        )
 
     panels = [n for n in names if n not in ("interctc", "plain_ctc")] or list(names)
     cols = min(4, len(panels))
@@ -479,13 +581,14 @@ def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str, 
         ax.set_title(n, fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.supxlabel("optimizer step", fontsize=9)
     fig.supylabel("dev WER (%)", fontsize=9)
-    fig.suptitle("Dev WER during training: each run against the intermediate-CTC control (grey: its seeds' range)",
-                 fontsize=10)
+    fig.suptitle(
+        "Dev WER during training: each run against the intermediate-CTC control (grey: its seeds' range)", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(os.path.join(plots_dir, f"{prefix}_dev_wer.png"), dpi=110)
     plt.close(fig)
@@ -499,8 +602,9 @@ def _plots(by_run: Dict[str, List[dict]], names: Sequence[str], plots_dir: str, 
             m = statistics.mean(ctrl)
             ax.axvline(m, color="0.4", lw=1, label="control mean")
             if split == "test":  # the floor is measured on test WER, and so is the goal
-                ax.axvspan(m - (floor or 0), m + (floor or 0), color="0.85", lw=0,
-                           label="± noise floor (no difference)")
+                ax.axvspan(
+                    m - (floor or 0), m + (floor or 0), color="0.85", lw=0, label="± noise floor (no difference)"
+                )
                 ax.axvline(0.9 * m, color="tab:red", ls=":", lw=1.2, label="goal: −10 % vs control")
         for y, n in zip(ys, names):
             vals = [100 * r["metrics"][split]["wer"] for r in by_run[n] if split in r["metrics"]]
@@ -527,7 +631,7 @@ def write_section(report: str, table: str, header: str, name: str = "ablation") 
     block = f"{begin}\n{header}\n{table}{end}"
     text = open(report).read() if os.path.isfile(report) else ""
     if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
     with open(report, "w") as f:

@@ -13,6 +13,7 @@ processes hits every model alike, and each round starts at the next model, so th
     python -m benchmarks.bench_export --models a.nemo b.nemo --reference plain.nemo \
         --manifest demo_data/dev_manifest.json
 """
+
 import argparse
 import glob
 import json
@@ -37,9 +38,9 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "docs", "results", "export_parity.json"))
     args = p.parse_args(argv)
 
-    import nemo_ctcllm  # noqa: F401  (registers the model class for restore)
     from nemo.collections.asr.models import ASRModel
 
+    import nemo_ctcllm  # noqa: F401  (registers the model class for restore)
     from nemo_ctcllm.data.manifest import read_manifest, resolve_audio_path
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
@@ -61,7 +62,7 @@ def main(argv=None):
     speed = {path: [] for path in paths}
     order = list(loaded)
     for r in tqdm(range(args.rounds), desc="rounds", file=sys.stdout):
-        for path in order[r % len(order):] + order[:r % len(order)]:
+        for path in order[r % len(order) :] + order[: r % len(order)]:
             model = loaded[path]
             start = time.perf_counter()
             model.transcribe(audio, batch_size=16, verbose=False)
@@ -76,26 +77,42 @@ def main(argv=None):
     rows = []
     for path, model in loaded.items():
         params = sum(q.numel() for q in model.parameters())
-        rows.append({
-            "model": label(path), "class": type(model).__name__, "params": params,
-            "params_ratio": params / ref_params, "nemo_bytes": os.path.getsize(path),
-            "nemo_size_ratio": os.path.getsize(path) / os.path.getsize(reference),
-            "audio_s_per_s": statistics.median(speed[path]), "throughput_ratio": statistics.median(speed[path]) / ref_speed,
-            "audio_s_per_s_rounds": [round(v, 1) for v in speed[path]],
-        })
-    result = {"reference": label(reference), "manifest": os.path.relpath(args.manifest, REPO),
-              "audio_seconds": round(seconds, 1), "rounds": args.rounds, "threads": torch.get_num_threads(),
-              "rows": rows}
+        rows.append(
+            {
+                "model": label(path),
+                "class": type(model).__name__,
+                "params": params,
+                "params_ratio": params / ref_params,
+                "nemo_bytes": os.path.getsize(path),
+                "nemo_size_ratio": os.path.getsize(path) / os.path.getsize(reference),
+                "audio_s_per_s": statistics.median(speed[path]),
+                "throughput_ratio": statistics.median(speed[path]) / ref_speed,
+                "audio_s_per_s_rounds": [round(v, 1) for v in speed[path]],
+            }
+        )
+    result = {
+        "reference": label(reference),
+        "manifest": os.path.relpath(args.manifest, REPO),
+        "audio_seconds": round(seconds, 1),
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"reference: {result['reference']}; {len(entries)} utterances, {seconds:.0f} s of audio, "
-          f"median of {args.rounds} interleaved rounds, {torch.get_num_threads()} threads")
+    print(
+        f"reference: {result['reference']}; {len(entries)} utterances, {seconds:.0f} s of audio, "
+        f"median of {args.rounds} interleaved rounds, {torch.get_num_threads()} threads"
+    )
     print("| exported model | class | parameters | × ref | .nemo MB | × ref | audio s / s | throughput × ref |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['class']} | {r['params']:,} | {r['params_ratio']:.3f} | {r['nemo_bytes'] / 1e6:.1f} | "
-              f"{r['nemo_size_ratio']:.3f} | {r['audio_s_per_s']:.0f} | {r['throughput_ratio']:.2f} |")
+        print(
+            f"| {r['model']} | {r['class']} | {r['params']:,} | {r['params_ratio']:.3f} | "
+            f"{r['nemo_bytes'] / 1e6:.1f} | "
+            f"{r['nemo_size_ratio']:.3f} | {r['audio_s_per_s']:.0f} | {r['throughput_ratio']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

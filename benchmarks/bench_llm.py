@@ -132,10 +132,31 @@ def launch(tp: int, args) -> list[dict]:
     out = Path(tempfile.mkdtemp()) / f"bench_tp{tp}.json"
     threads = max(1, (os.cpu_count() or 1) // tp)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(tp),
-           "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, "--worker",
-           "--out", str(out), "--ckpt", args.ckpt, "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--device", args.device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(tp),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        __file__,
+        "--worker",
+        "--out",
+        str(out),
+        "--ckpt",
+        args.ckpt,
+        "--batch",
+        str(args.batch),
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+    ]
     subprocess.run(cmd, env=env, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -159,15 +180,19 @@ def main() -> None:
 
     mem = "peak alloc MiB" if args.device == "cuda" else "peak RSS MiB"
     print(f"LLM {args.ckpt} | device {args.device} | batch {args.batch} sentences | median of {args.repeats}")
-    header = f"{'TP':>3} {'rank':>4} {'tokens':>6} {'score tok/s':>11} {'fwd ms':>8} {'fwd+bwd ms':>10} " \
-             f"{'bwd/fwd':>7} {'weights MiB':>11} {'RSS before host':>15} {mem:>14} {'build s':>7}"
+    header = (
+        f"{'TP':>3} {'rank':>4} {'tokens':>6} {'score tok/s':>11} {'fwd ms':>8} {'fwd+bwd ms':>10} "
+        f"{'bwd/fwd':>7} {'weights MiB':>11} {'RSS before host':>15} {mem:>14} {'build s':>7}"
+    )
     print(header)
     print("-" * len(header))
     for tp in args.tp:
         for s in launch(tp, args):
-            print(f"{tp:>3} {s['rank']:>4} {s['tokens']:>6} {s['score_tok_s']:>11.0f} {s['fwd_ms']:>8.1f} "
-                  f"{s['fwd_bwd_ms']:>10.1f} {s['fwd_bwd_ms'] / s['fwd_ms']:>7.2f} {s['weight_mib']:>11.1f} "
-                  f"{s['rss_before_mib']:>15.0f} {s['peak_mib']:>14.0f} {s['build_s']:>7.1f}")
+            print(
+                f"{tp:>3} {s['rank']:>4} {s['tokens']:>6} {s['score_tok_s']:>11.0f} {s['fwd_ms']:>8.1f} "
+                f"{s['fwd_bwd_ms']:>10.1f} {s['fwd_bwd_ms'] / s['fwd_ms']:>7.2f} {s['weight_mib']:>11.1f} "
+                f"{s['rss_before_mib']:>15.0f} {s['peak_mib']:>14.0f} {s['build_s']:>7.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -35,15 +35,38 @@ import torch  # noqa: E402
 
 GB = 1e9
 # config.json fields of the real models (Hugging Face model cards of meta-llama/Llama-3.2-1B and Llama-3.1-8B)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
-                         rope_scaling=LLAMA3_ROPE, head_dim=64),
-    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
-                         rope_scaling={**LLAMA3_ROPE, "factor": 8.0}, head_dim=128),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling=LLAMA3_ROPE,
+        head_dim=64,
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={**LLAMA3_ROPE, "factor": 8.0},
+        head_dim=128,
+    ),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -55,11 +78,19 @@ def hf_shapes(cfg: dict) -> dict:
     shapes = {"model.embed_tokens.weight": (V, H)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (H,), p + "self_attn.q_proj.weight": (nq * D, H),
-                       p + "self_attn.k_proj.weight": (ng * D, H), p + "self_attn.v_proj.weight": (ng * D, H),
-                       p + "self_attn.o_proj.weight": (H, nq * D), p + "post_attention_layernorm.weight": (H,),
-                       p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H),
-                       p + "mlp.down_proj.weight": (H, F)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (H,),
+                p + "self_attn.q_proj.weight": (nq * D, H),
+                p + "self_attn.k_proj.weight": (ng * D, H),
+                p + "self_attn.v_proj.weight": (ng * D, H),
+                p + "self_attn.o_proj.weight": (H, nq * D),
+                p + "post_attention_layernorm.weight": (H,),
+                p + "mlp.gate_proj.weight": (F, H),
+                p + "mlp.up_proj.weight": (F, H),
+                p + "mlp.down_proj.weight": (H, F),
+            }
+        )
     shapes["model.norm.weight"] = (H,)
     if not cfg["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (V, H)
@@ -73,8 +104,9 @@ def write_random(out: Path, shape: str, tokenizer_from: Path, file_bytes: int = 
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = SHAPES[shape]
-    LlamaConfig(**cfg, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                torch_dtype="bfloat16").to_json_file(out / "config.json")
+    LlamaConfig(
+        **cfg, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16"
+    ).to_json_file(out / "config.json")
     for name in TOKENIZER_FILES:
         if (tokenizer_from / name).is_file():
             shutil.copy(tokenizer_from / name, out / name)
@@ -102,7 +134,8 @@ def write_random(out: Path, shape: str, tokenizer_from: Path, file_bytes: int = 
         flush()
     total = sum((out / f).stat().st_size for f in files)
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     n = sum(torch.Size(s).numel() for s in hf_shapes(cfg).values())
     print(json.dumps({"out": str(out), "params": n, "files": len(files), "bytes": total}))
 
@@ -127,14 +160,18 @@ def fwd_bwd(host, batch: int, prompt: int, seq: int) -> dict:
     ids = torch.randint(3, min(host.vocab_size, 30000), (batch, seq), generator=g)  # [B, S]
     x = torch.cat([soft, host.embed(ids)], dim=1)  # [B, P+S, H]
     labels = torch.full((batch, prompt + seq), -100, dtype=torch.long)
-    labels[:, prompt - 1: -1] = ids  # predict text token t from position t-1
+    labels[:, prompt - 1 : -1] = ids  # predict text token t from position t-1
     before = rss_gb("VmRSS")
     reset_peak()
     t0 = time.time()
     _, loss = host.forward_embeds(x, labels)
     loss.backward()
-    return {"fwd_bwd_s": round(time.time() - t0, 1), "fwd_bwd_delta_gb": round(rss_gb("VmHWM") - before, 3),
-            "tokens": batch * (prompt + seq), "grad_finite": bool(torch.isfinite(soft.grad).all())}
+    return {
+        "fwd_bwd_s": round(time.time() - t0, 1),
+        "fwd_bwd_delta_gb": round(rss_gb("VmHWM") - before, 3),
+        "tokens": batch * (prompt + seq),
+        "grad_finite": bool(torch.isfinite(soft.grad).all()),
+    }
 
 
 def load(args) -> None:
@@ -151,8 +188,16 @@ def load(args) -> None:
     load_s = time.time() - t0
     own = sum(p.numel() * p.element_size() for p in host.llm_parameters()) / GB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # KiB on Linux; equals VmHWM here
-    row = {"rank": rank, "tp": world, "dtype": args.dtype, "load_s": round(load_s, 1), "base_gb": round(base, 3),
-           "peak_gb": round(peak, 3), "own_gb": round(own, 3), "ratio": round((peak - base) / own, 3)}
+    row = {
+        "rank": rank,
+        "tp": world,
+        "dtype": args.dtype,
+        "load_s": round(load_s, 1),
+        "base_gb": round(base, 3),
+        "peak_gb": round(peak, 3),
+        "own_gb": round(own, 3),
+        "ratio": round((peak - base) / own, 3),
+    }
     if args.fwd_bwd:
         row.update(recompute=args.recompute, **fwd_bwd(host, args.batch, args.prompt, args.seq))
     dist.barrier()

@@ -14,6 +14,7 @@ from a trained model on a manifest (``--nemo model.nemo --manifest dev.json``).
 pyctcdecode is not a dependency of the project: it pins numpy<2, which NeMo's stack does not need, so install it
 without its dependencies (it runs on numpy 2):  pip install --no-deps pyctcdecode==0.5.0 pygtrie
 """
+
 import argparse
 import json
 import os
@@ -44,8 +45,9 @@ def model_posteriors(nemo_path, manifest, batch):
     import soundfile as sf
 
     entries = read_manifest(manifest)[:batch]
-    audio = [torch.tensor(sf.read(resolve_audio_path(e["audio_filepath"], manifest), dtype="float32")[0])
-             for e in entries]
+    audio = [
+        torch.tensor(sf.read(resolve_audio_path(e["audio_filepath"], manifest), dtype="float32")[0]) for e in entries
+    ]
     lens = torch.tensor([len(a) for a in audio])
     signal = torch.zeros(len(audio), int(lens.max()))
     for i, a in enumerate(audio):
@@ -107,8 +109,10 @@ def main():
     med = {name: statistics.median(r) for name, r in rates.items()}
     ratio = med["batched_prefix_beam"] / med["pyctcdecode_per_utterance"]
     T = int(log_probs.shape[1])
-    print(f"posteriors: {'model' if args.nemo else 'synthetic'} B={log_probs.shape[0]} T<={T} "
-          f"V+1={log_probs.shape[2]}; beam {args.beam}, nbest {args.nbest}; batched search on {device}")
+    print(
+        f"posteriors: {'model' if args.nemo else 'synthetic'} B={log_probs.shape[0]} T<={T} "
+        f"V+1={log_probs.shape[2]}; beam {args.beam}, nbest {args.nbest}; batched search on {device}"
+    )
     for name, r in med.items():
         print(f"{name:<28} {r:>12.1f} hypotheses/s")
     print(f"ratio (batched / pyctcdecode): {ratio:.2f}")

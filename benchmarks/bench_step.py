@@ -15,6 +15,7 @@ Encoder variants (same objectives, other config) are compared the same way with 
     python -m benchmarks.bench_step ... --variants interctc \
         --arch nodrop=model.encoder.dropout=0,model.encoder.dropout_pre_encoder=0,model.encoder.dropout_att=0
 """
+
 import argparse
 import json
 import os
@@ -63,8 +64,10 @@ VARIANTS = {
     # Hypothesis-side objectives (need --override model.llm.checkpoint=<LLM folder>): N-best search + LLM
     # scoring of N hypotheses per utterance every step. Step-time ratio for N = 4, 8, 16:
     #   --variants plain,llm_rescoring_n4,llm_rescoring_n8,llm_rescoring_n16
-    **{f"llm_rescoring_n{n}": {"ctc_final": {"weight": 1.0}, "llm_rescoring": {"weight": 0.5, "nbest": n}}
-       for n in (4, 8, 16)},
+    **{
+        f"llm_rescoring_n{n}": {"ctc_final": {"weight": 1.0}, "llm_rescoring": {"weight": 0.5, "nbest": n}}
+        for n in (4, 8, 16)
+    },
     "llm_reward_sample4": {"ctc_final": {"weight": 1.0}, "llm_reward": {"weight": 0.05, "num_samples": 4}},
     "llm_pseudo_label_n8": {"ctc_final": {"weight": 1.0}, "llm_pseudo_label": {"weight": 0.3, "nbest": 8}},
     "interctc_llm_lm_loss": {  # needs --override model.llm.checkpoint=<LLM folder>
@@ -102,7 +105,10 @@ def load_batch(manifest, n, seed=0):
     entries = read_manifest(manifest)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(entries), generator=g)[:n].tolist()
-    audio = [torch.tensor(sf.read(resolve_audio_path(entries[i]["audio_filepath"], manifest), dtype="float32")[0]) for i in idx]
+    audio = [
+        torch.tensor(sf.read(resolve_audio_path(entries[i]["audio_filepath"], manifest), dtype="float32")[0])
+        for i in idx
+    ]
     lens = torch.tensor([len(a) for a in audio])
     signal = torch.zeros(n, int(lens.max()))
     for i, a in enumerate(audio):
@@ -142,14 +148,15 @@ def step_fn(model, batch, plain):
 
 def llm_floor_step(model, batch):
     """A step function running only the LLM part of ``model``'s llm_prefix_clm on this batch's sequences."""
-    from nemo_ctcllm.objectives.shared.tensors import transcripts
     from nemo_ctcllm.objectives.shared.prefix import build_sequences
+    from nemo_ctcllm.objectives.shared.tensors import transcripts
 
     term = model.objectives["llm_prefix_clm"]
     with torch.no_grad():
         ctx = model.step_context(batch, compute_wer=False)
-        seqs = [build_sequences(model.llm, *term.prompt(ctx, k), transcripts(ctx), term.instruction)
-                for k in term.blocks]  # per connector: embeds [B, L, H], labels [B, L], lengths [B]
+        seqs = [
+            build_sequences(model.llm, *term.prompt(ctx, k), transcripts(ctx), term.instruction) for k in term.blocks
+        ]  # per connector: embeds [B, L, H], labels [B, L], lengths [B]
 
     def step():
         for embeds, labels, lengths in seqs:
@@ -189,21 +196,34 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, first is the baseline; from {list(VARIANTS)}")
+    p.add_argument(
+        "--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, first is the baseline; from {list(VARIANTS)}"
+    )
     p.add_argument("--json", default=None, help="write the results here too")
-    p.add_argument("--bf16", action="store_true",
-                   help="run every step under torch.autocast(bfloat16), as trainer.precision=bf16-mixed does")
-    p.add_argument("--arch", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE...]",
-                   help="extra variant: the first --variants entry's objectives with these Hydra overrides")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="run every step under torch.autocast(bfloat16), as trainer.precision=bf16-mixed does",
+    )
+    p.add_argument(
+        "--arch",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDE[,OVERRIDE...]",
+        help="extra variant: the first --variants entry's objectives with these Hydra overrides",
+    )
     args = p.parse_args()
 
     import nemo_ctcllm  # noqa: F401
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
+
     def config(extra=()):
         with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
-            return compose(config_name=args.config_name,
-                           overrides=[f"model.tokenizer.dir={args.tokenizer}", *args.override, *extra]).model
+            return compose(
+                config_name=args.config_name,
+                overrides=[f"model.tokenizer.dir={args.tokenizer}", *args.override, *extra],
+            ).model
 
     names = [n for n in args.variants.split(",") if n != FLOOR]
     floor = FLOOR in args.variants.split(",")
@@ -254,19 +274,30 @@ def main():
         med = statistics.median(times[n])
         params = sum(q.numel() for q in models[n].parameters() if q.requires_grad) / 1e6 if n in models else 0.0
         peak_ratio = peaks[n] / peaks[names[0]]
-        results[n] = {"median_s": med, "ratio": med / base, "params_m": params, "peak_mib": peaks[n],
-                      "peak_ratio": peak_ratio}
+        results[n] = {
+            "median_s": med,
+            "ratio": med / base,
+            "params_m": params,
+            "peak_mib": peaks[n],
+            "peak_ratio": peak_ratio,
+        }
         print(f"{n:<26} {med:>14.3f} {med / base:>7.3f} {peaks[n]:>14.0f} {peak_ratio:>7.2f} {params:>11.2f}")
     if floor and "interctc" in times:
         extra = statistics.median(times["interctc_llm_prefix_clm"]) - statistics.median(times["interctc"])
         results[FLOOR]["objective_extra_s"] = extra
-        print(f"llm_prefix_clm costs {extra:.3f} s/step over interctc; its floor (LLM fwd + bwd-to-inputs on the "
-              f"same sequences) is {statistics.median(times[FLOOR]):.3f} s: {extra / statistics.median(times[FLOOR]):.2f}x the floor")
+        print(
+            f"llm_prefix_clm costs {extra:.3f} s/step over interctc; its floor (LLM fwd + bwd-to-inputs on the "
+            f"same sequences) is {statistics.median(times[FLOOR]):.3f} s: "
+            f"{extra / statistics.median(times[FLOOR]):.2f}x the floor"
+        )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"batch": args.batch, "audio_s": audio_s, "steps": args.steps, "bf16": args.bf16,
-                       "results": results}, f, indent=2)
+            json.dump(
+                {"batch": args.batch, "audio_s": audio_s, "steps": args.steps, "bf16": args.bf16, "results": results},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

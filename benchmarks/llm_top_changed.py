@@ -9,6 +9,7 @@ acoustic best, and the WER of the acoustic top, the LLM-rescored top and the N-b
 :mod:`nemo_ctcllm.decoding.llm_rerank`; references and hypotheses normalised as in :mod:`nemo_ctcllm.evaluate`).
 One setting of it is a user option: ``scripts/evaluate.py --llm DIR --nbest N --llm-weight λ``.
 """
+
 import argparse
 import json
 import os
@@ -26,8 +27,15 @@ def _errors(hyp: str, ref: str) -> int:
 
 
 @torch.no_grad()
-def llm_top_changed(model, host, manifest: str, nbest: Sequence[int] = (4, 8, 16), lm_weights: Sequence[float] = (0.5,),
-                    length_normalize: bool = False, batch_size: int = 16) -> Dict[str, Dict[str, float]]:
+def llm_top_changed(
+    model,
+    host,
+    manifest: str,
+    nbest: Sequence[int] = (4, 8, 16),
+    lm_weights: Sequence[float] = (0.5,),
+    length_normalize: bool = False,
+    batch_size: int = 16,
+) -> Dict[str, Dict[str, float]]:
     """{"n<N>_lm<λ>": {top_changed, wer_acoustic_top, wer_rescored_top, wer_oracle, utterances}}."""
     from nemo_ctcllm.decoding.llm_rerank import audio_batches, score_nbest
     from nemo_ctcllm.evaluate import normalize_text
@@ -57,9 +65,13 @@ def llm_top_changed(model, host, manifest: str, nbest: Sequence[int] = (4, 8, 16
                 s["oracle"] += int(errs.min(1).values.sum())
     words = max(words, 1)
     return {
-        f"n{n}_lm{lam}": {"top_changed": s["changed"] / max(utts, 1), "wer_acoustic_top": s["acoustic"] / words,
-                          "wer_rescored_top": s["rescored"] / words, "wer_oracle": s["oracle"] / words,
-                          "utterances": utts}
+        f"n{n}_lm{lam}": {
+            "top_changed": s["changed"] / max(utts, 1),
+            "wer_acoustic_top": s["acoustic"] / words,
+            "wer_rescored_top": s["rescored"] / words,
+            "wer_oracle": s["oracle"] / words,
+            "utterances": utts,
+        }
         for (n, lam), s in acc.items()
     }
 
@@ -83,14 +95,24 @@ def main():
 
     model = ASRModel.restore_from(args.model, map_location="cuda" if torch.cuda.is_available() else "cpu")
     host = LLMHost(args.llm, tp_size=1)
-    stats = llm_top_changed(model, host, args.manifest, nbest=[int(x) for x in args.nbest.split(",")],
-                            lm_weights=[float(x) for x in args.lm_weight.split(",")],
-                            length_normalize=args.length_normalize, batch_size=args.batch_size)
-    print(f"{'setting':<16} {'utts':>5} {'top changed %':>14} {'WER acoustic %':>15} {'WER rescored %':>15} "
-          f"{'WER oracle %':>13}")
+    stats = llm_top_changed(
+        model,
+        host,
+        args.manifest,
+        nbest=[int(x) for x in args.nbest.split(",")],
+        lm_weights=[float(x) for x in args.lm_weight.split(",")],
+        length_normalize=args.length_normalize,
+        batch_size=args.batch_size,
+    )
+    print(
+        f"{'setting':<16} {'utts':>5} {'top changed %':>14} {'WER acoustic %':>15} {'WER rescored %':>15} "
+        f"{'WER oracle %':>13}"
+    )
     for name, s in stats.items():
-        print(f"{name:<16} {s['utterances']:>5} {100 * s['top_changed']:>14.1f} {100 * s['wer_acoustic_top']:>15.2f} "
-              f"{100 * s['wer_rescored_top']:>15.2f} {100 * s['wer_oracle']:>13.2f}")
+        print(
+            f"{name:<16} {s['utterances']:>5} {100 * s['top_changed']:>14.1f} {100 * s['wer_acoustic_top']:>15.2f} "
+            f"{100 * s['wer_rescored_top']:>15.2f} {100 * s['wer_oracle']:>13.2f}"
+        )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -28,11 +28,13 @@ Output: ``<out-dir>/<split>.predictions.jsonl`` (one line per utterance: audio_f
 pred_text, duration, as ``scripts/evaluate.py`` writes them) and the summary JSON (``--summary``):
 model/decoding settings, versions, timing (wall seconds of transcription, audio seconds, real-time
 factor = wall / audio, on ``--threads`` CPU threads; ``cpu_seconds`` = the process's CPU time, which
-on a shared machine shows how much of the wall time was spent waiting for a core) and ``splits: {split: {wer, cer, utterances,
-words, by_engine, ...}}`` (``by_engine``: the same scores per TTS engine where the manifest has an
-``engine`` field, as the demo's do). The split name is the manifest file name without ``_manifest.json``.
+on a shared machine shows how much of the wall time was spent waiting for a core) and
+``splits: {split: {wer, cer, utterances, words, by_engine, ...}}`` (``by_engine``: the same scores per TTS
+engine where the manifest has an ``engine`` field, as the demo's do). The split name is the manifest file name
+without ``_manifest.json``.
 ``--rescore`` scores the saved predictions again without decoding (timings kept from the old summary).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +62,10 @@ def _package_data(package: str) -> Path:
     try:
         root = importlib.resources.files(package)
     except ModuleNotFoundError:
-        sys.exit(f"package {package!r} is not installed: pip install -e '.[whisper]' "
-                 f"(or pip install {package.replace('_', '-')}==1.0.0)")
+        sys.exit(
+            f"package {package!r} is not installed: pip install -e '.[whisper]' "
+            f"(or pip install {package.replace('_', '-')}==1.0.0)"
+        )
     return Path(str(root)) / "data"
 
 
@@ -123,12 +127,20 @@ def transcribe_manifest(model, manifest: str, beam_size: int, limit: int | None 
     t0, c0 = time.perf_counter(), time.process_time()
     for e in tqdm(entries, desc=os.path.basename(manifest), unit="utt", dynamic_ncols=True):
         path = e["audio_filepath"]
-        segments, info = model.transcribe(_load_audio(path), language="en", task="transcribe", beam_size=beam_size,
-                                          vad_filter=False, temperature=0.0)
+        segments, info = model.transcribe(
+            _load_audio(path), language="en", task="transcribe", beam_size=beam_size, vad_filter=False, temperature=0.0
+        )
         text = " ".join(s.text.strip() for s in segments).strip()  # segments is a generator: decoding runs here
         audio_s += info.duration
-        rows.append({"audio_filepath": path, "text": e.get("text", ""), "pred_text": text,
-                     "duration": e.get("duration"), "engine": e.get("engine")})
+        rows.append(
+            {
+                "audio_filepath": path,
+                "text": e.get("text", ""),
+                "pred_text": text,
+                "duration": e.get("duration"),
+                "engine": e.get("engine"),
+            }
+        )
     return rows, time.perf_counter() - t0, time.process_time() - c0, audio_s
 
 
@@ -153,11 +165,18 @@ def write_summary(args, splits, load_s, wall, cpu, audio):
 
     summary = {
         "model_id": MODEL_ID,
-        "decoding": {"language": "en", "task": "transcribe", "beam_size": args.beam_size, "temperature": 0.0,
-                     "vad_filter": False, "device": "cpu", "compute_type": args.compute_type,
-                     "cpu_threads": args.threads},
+        "decoding": {
+            "language": "en",
+            "task": "transcribe",
+            "beam_size": args.beam_size,
+            "temperature": 0.0,
+            "vad_filter": False,
+            "device": "cpu",
+            "compute_type": args.compute_type,
+            "cpu_threads": args.threads,
+        },
         "normalization": "nemo_ctcllm.evaluate.normalize_text on references and hypotheses (lowercase; a-z and "
-                         "apostrophes only; single spaces); corpus WER/CER via nemo_ctcllm.evaluate.score",
+        "apostrophes only; single spaces); corpus WER/CER via nemo_ctcllm.evaluate.score",
         "faster_whisper_version": faster_whisper.__version__,
         "ctranslate2_version": ctranslate2.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs visible",
@@ -179,20 +198,33 @@ def write_summary(args, splits, load_s, wall, cpu, audio):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", action="append", default=None,
-                   help="manifest to score (repeatable); default: the demo's test, test_unseen_engine and dev")
+    p.add_argument(
+        "--manifest",
+        action="append",
+        default=None,
+        help="manifest to score (repeatable); default: the demo's test, test_unseen_engine and dev",
+    )
     p.add_argument("--demo-dir", default=str(REPO / "demo_data"), help="where the default manifests are")
-    p.add_argument("--model-dir", default=str(REPO / "artifacts" / "whisper-base"),
-                   help="CTranslate2 model folder assembled from the two packages (git-ignored)")
-    p.add_argument("--out-dir", default=str(REPO / "artifacts" / "whisper-base" / "eval"),
-                   help="per-utterance predictions: <split>.predictions.jsonl")
+    p.add_argument(
+        "--model-dir",
+        default=str(REPO / "artifacts" / "whisper-base"),
+        help="CTranslate2 model folder assembled from the two packages (git-ignored)",
+    )
+    p.add_argument(
+        "--out-dir",
+        default=str(REPO / "artifacts" / "whisper-base" / "eval"),
+        help="per-utterance predictions: <split>.predictions.jsonl",
+    )
     p.add_argument("--summary", default=str(REPO / "docs" / "results" / "whisper_base.json"))
     p.add_argument("--beam-size", type=int, default=5)
     p.add_argument("--compute-type", default="int8", help="CTranslate2 compute type (int8, float32, ...)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (cpu_threads)")
     p.add_argument("--limit", type=int, default=None, help="only the first N utterances of each manifest")
-    p.add_argument("--rescore", action="store_true",
-                   help="no decoding: score the predictions already in --out-dir again (keeps the summary's timings)")
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="no decoding: score the predictions already in --out-dir again (keeps the summary's timings)",
+    )
     args = p.parse_args(argv)
     manifests = args.manifest or [os.path.join(args.demo_dir, m) for m in DEFAULT_MANIFESTS]
 
@@ -213,8 +245,14 @@ def main(argv=None):
             args.threads = dec.get("cpu_threads", args.threads)
     else:
         folder = assemble_model(args.model_dir)
-        model = WhisperModel(folder, device="cpu", compute_type=args.compute_type, cpu_threads=args.threads,
-                             num_workers=1, local_files_only=True)
+        model = WhisperModel(
+            folder,
+            device="cpu",
+            compute_type=args.compute_type,
+            cpu_threads=args.threads,
+            num_workers=1,
+            local_files_only=True,
+        )
         load_s = time.perf_counter() - t0
 
     splits, wall, cpu, audio = {}, 0.0, 0.0, 0.0
@@ -233,8 +271,12 @@ def main(argv=None):
             with open(pred_path, "w", encoding="utf-8") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
-            timing = {"audio_seconds": round(a, 2), "wall_seconds": round(w, 2), "cpu_seconds": round(c, 2),
-                      "real_time_factor": round(w / a, 4) if a else None}
+            timing = {
+                "audio_seconds": round(a, 2),
+                "wall_seconds": round(w, 2),
+                "cpu_seconds": round(c, 2),
+                "real_time_factor": round(w / a, 4) if a else None,
+            }
         s = split_scores(rows, score)
         s.update(timing)
         w, c, a = (timing[k] or 0.0 for k in ("wall_seconds", "cpu_seconds", "audio_seconds"))
@@ -244,8 +286,10 @@ def main(argv=None):
 
     print(f"{'split':<24} {'utts':>6} {'WER %':>7} {'CER %':>7} {'RTF':>7}")
     for name, s in splits.items():
-        print(f"{name:<24} {s['utterances']:>6} {100 * s['wer']:>7.2f} {100 * s['cer']:>7.2f} "
-              f"{s['real_time_factor'] or 0:>7.3f}")
+        print(
+            f"{name:<24} {s['utterances']:>6} {100 * s['wer']:>7.2f} {100 * s['cer']:>7.2f} "
+            f"{s['real_time_factor'] or 0:>7.3f}"
+        )
     print(f"wrote {args.summary}")
     return splits
 

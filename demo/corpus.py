@@ -64,6 +64,7 @@ Usage::
 
 or ``python -m demo.make_demo_data --out demo_data``.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -103,13 +104,57 @@ SENTENCES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sente
 ESPEAK_TRAIN_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-us-nyc")
 ESPEAK_TEST_ONLY_ACCENTS = ("en-gb-x-gbcwmd",)
 ESPEAK_TRAIN_VARIANTS = (
-    "", "m1", "m2", "m3", "m5", "m6", "m7", "f1", "f2", "f4", "klatt", "klatt2", "klatt4",
-    "adam", "Alex", "Andy", "Annie", "aunty", "benjamin", "david", "edward", "iven", "Jacky", "john",
-    "linda", "max", "michel", "Mike", "norbert", "paul", "rob", "robert", "shelby", "steph",
-    "travis", "victor",
+    "",
+    "m1",
+    "m2",
+    "m3",
+    "m5",
+    "m6",
+    "m7",
+    "f1",
+    "f2",
+    "f4",
+    "klatt",
+    "klatt2",
+    "klatt4",
+    "adam",
+    "Alex",
+    "Andy",
+    "Annie",
+    "aunty",
+    "benjamin",
+    "david",
+    "edward",
+    "iven",
+    "Jacky",
+    "john",
+    "linda",
+    "max",
+    "michel",
+    "Mike",
+    "norbert",
+    "paul",
+    "rob",
+    "robert",
+    "shelby",
+    "steph",
+    "travis",
+    "victor",
 )
 ESPEAK_TEST_VARIANTS = (
-    "m4", "m8", "f3", "f5", "klatt3", "klatt6", "Alicia", "belinda", "caleb", "Gene", "quincy", "steph2", "zac",
+    "m4",
+    "m8",
+    "f3",
+    "f5",
+    "klatt3",
+    "klatt6",
+    "Alicia",
+    "belinda",
+    "caleb",
+    "Gene",
+    "quincy",
+    "steph2",
+    "zac",
 )
 # flite voice -> mean F0 (Hz) of its default output (None: int_f0_target_mean has no effect -> sox pitch)
 FLITE_VOICES = {"kal": 95.0, "kal16": 95.0, "rms": None, "awb": 130.0, "slt": 165.0}
@@ -236,8 +281,9 @@ def _sentence_order(pool: Sequence[str], seed: int, name: str) -> List[str]:
     return order
 
 
-def draw_job(rng: random.Random, split: str, index: int, engines: Dict[str, List[str]], sentence: str,
-             path: str) -> Job:
+def draw_job(
+    rng: random.Random, split: str, index: int, engines: Dict[str, List[str]], sentence: str, path: str
+) -> Job:
     """One utterance: engine, voice, speed, pitch and level drawn from ``rng`` among ``engines`` (engine -> voices)."""
     engine = _pick_engine(rng, engines)
     voice = rng.choice(engines[engine])
@@ -259,9 +305,19 @@ def draw_job(rng: random.Random, split: str, index: int, engines: Dict[str, List
         sox_cents = rng.randint(-200, 200)
         pitch = 0.0
     peak = round(rng.uniform(-12.0, -2.0), 2)
-    return Job(split=split, index=index, engine=engine, voice=voice, sentence=sentence,
-               text=normalize_text(sentence), speed=speed, pitch=pitch, sox_pitch_cents=sox_cents,
-               peak_dbfs=peak, path=path)
+    return Job(
+        split=split,
+        index=index,
+        engine=engine,
+        voice=voice,
+        sentence=sentence,
+        text=normalize_text(sentence),
+        speed=speed,
+        pitch=pitch,
+        sox_pitch_cents=sox_cents,
+        peak_dbfs=peak,
+        path=path,
+    )
 
 
 def plan_corpus(
@@ -322,7 +378,7 @@ def trim_silence(x: np.ndarray, sr: int = SAMPLE_RATE, margin_s: float = TRIM_MA
     """Cut leading/trailing silence (float audio in [-1, 1]), keeping ``margin_s`` of context."""
     first, last = _active_region(x, sr)
     m = int(round(margin_s * sr))
-    return x[max(0, first - m): min(len(x), last + m)]
+    return x[max(0, first - m) : min(len(x), last + m)]
 
 
 def edge_silence_fraction(x: np.ndarray, sr: int = SAMPLE_RATE) -> float:
@@ -345,8 +401,20 @@ def _run(cmd: List[str], **kw) -> subprocess.CompletedProcess:
 
 def _synth_raw(job: Job, raw_path: str) -> None:
     if job.engine == "espeak-ng":
-        _run(["espeak-ng", "-v", job.voice, "-s", str(int(job.speed)), "-p", str(int(job.pitch)),
-              "-w", raw_path, job.sentence])
+        _run(
+            [
+                "espeak-ng",
+                "-v",
+                job.voice,
+                "-s",
+                str(int(job.speed)),
+                "-p",
+                str(int(job.pitch)),
+                "-w",
+                raw_path,
+                job.sentence,
+            ]
+        )
     elif job.engine == "flite":
         cmd = ["flite", "-voice", job.voice, "--setf", f"duration_stretch={job.speed:.3f}"]
         if job.pitch > 0:
@@ -381,8 +449,9 @@ def _postprocess(job: Job, raw_path: str) -> dict:
     if job.sox_pitch_cents:
         effects += ["pitch", str(job.sox_pitch_cents)]
     effects += ["rate", "-h", str(SAMPLE_RATE)]
-    res = _run(["sox", "-D", "-R", "-V1", raw_path, "-t", "raw", "-e", "floating-point", "-b", "32",
-                "-c", "1", "-"] + effects)
+    res = _run(
+        ["sox", "-D", "-R", "-V1", raw_path, "-t", "raw", "-e", "floating-point", "-b", "32", "-c", "1", "-"] + effects
+    )
     x = np.frombuffer(res.stdout, dtype="<f4").astype(np.float64)
     x = trim_silence(x, SAMPLE_RATE)
     peak = float(np.max(np.abs(x))) if x.size else 0.0
@@ -419,11 +488,15 @@ def _render_chunk(jobs: Sequence[Job]) -> List[dict]:
 def _missing_message(binary: str, voice: Optional[str] = None) -> str:
     pkg = BINARY_PACKAGES.get(binary, binary)
     if voice is not None:
-        return (f"{binary} voice {voice!r} is not installed; install the Debian package "
-                f"`{FESTIVAL_VOICE_PACKAGES.get(voice, pkg)}` (apt-get install {FESTIVAL_VOICE_PACKAGES.get(voice, pkg)})")
+        return (
+            f"{binary} voice {voice!r} is not installed; install the Debian package "
+            f"`{FESTIVAL_VOICE_PACKAGES.get(voice, pkg)}` (apt-get install {FESTIVAL_VOICE_PACKAGES.get(voice, pkg)})"
+        )
     extra = " festvox-kallpc16k" if binary == "festival" else ""
-    return (f"`{binary}` was not found on PATH; it is needed for the demo corpus. Install the Debian "
-            f"package(s) `{pkg}{extra}` (apt-get install {pkg}{extra}).")
+    return (
+        f"`{binary}` was not found on PATH; it is needed for the demo corpus. Install the Debian "
+        f"package(s) `{pkg}{extra}` (apt-get install {pkg}{extra})."
+    )
 
 
 def installed_festival_voices() -> List[str]:
@@ -473,7 +546,7 @@ def _chunks(jobs: List[Job], size: int) -> List[List[Job]]:
     for key in sorted(groups):
         g = groups[key]
         n = size * (3 if key[0] == "festival" else 1)  # amortise festival start-up (~0.3 s)
-        out += [g[k: k + n] for k in range(0, len(g), n)]
+        out += [g[k : k + n] for k in range(0, len(g), n)]
     return out
 
 
@@ -679,8 +752,10 @@ def _write_readme(out_dir: str, stats: dict) -> None:
     for split, s in stats["splits"].items():
         eng = ", ".join(f"{k}={v}" for k, v in s["engines"].items())
         unseen = f", {100 * s['unseen_word_rate']:.1f} % of its words not in train" if "unseen_word_rate" in s else ""
-        lines.append(f"{split}: {s['utterances']} utterances, {s['hours']:.3f} h, mean {s['mean_duration_s']:.2f} s, "
-                     f"{s['num_voices']} voices ({eng}), manifest {s['manifest']}{unseen}")
+        lines.append(
+            f"{split}: {s['utterances']} utterances, {s['hours']:.3f} h, mean {s['mean_duration_s']:.2f} s, "
+            f"{s['num_voices']} voices ({eng}), manifest {s['manifest']}{unseen}"
+        )
     lines.append("")
     for split, s in stats["splits"].items():
         lines.append(f"voices in {split}: " + " ".join(s["voices"]))

@@ -27,6 +27,7 @@ Usage::
     python -m demo.extract_wordnet_sentences [--wordnet-dir /usr/share/wordnet] \
         [--out demo/sentences.txt]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,13 +108,18 @@ def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     default_out = os.path.join(here, "sentences.txt")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--wordnet-dir", default="/usr/share/wordnet",
-                   help="directory with WordNet data.* files (Debian package wordnet-base)")
+    p.add_argument(
+        "--wordnet-dir",
+        default="/usr/share/wordnet",
+        help="directory with WordNet data.* files (Debian package wordnet-base)",
+    )
     p.add_argument("--out", default=os.path.normpath(default_out))
     args = p.parse_args(argv)
     if not os.path.exists(os.path.join(args.wordnet_dir, "data.noun")):
-        print(f"error: {args.wordnet_dir}/data.noun not found; install it with "
-              "`apt-get install wordnet-base`", file=sys.stderr)
+        print(
+            f"error: {args.wordnet_dir}/data.noun not found; install it with `apt-get install wordnet-base`",
+            file=sys.stderr,
+        )
         return 1
     sentences = extract(args.wordnet_dir)
     with open(args.out, "w", encoding="utf-8", newline="\n") as f:

@@ -11,6 +11,7 @@ Example::
     python -m demo.make_demo_data --out /tmp/tiny --num-train 12 --num-dev 4 \
         --num-test 4 --num-test-unseen-engine 4 --force
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="parallel synthesis pipelines (default 2)")
     p.add_argument("--force", action="store_true", help="regenerate even if an identical corpus exists")
-    p.add_argument("--relative-paths", action="store_true",
-                   help="write audio_filepath relative to the manifest directory (default: absolute)")
+    p.add_argument(
+        "--relative-paths",
+        action="store_true",
+        help="write audio_filepath relative to the manifest directory (default: absolute)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     args = p.parse_args(argv)
 
@@ -63,10 +67,11 @@ def main(argv=None) -> int:
         stats = json.load(f)
     for split, path in manifests.items():
         s = stats["splits"][split]
-        print(f"{split:>18}: {s['utterances']:5d} utts {s['hours']:.3f} h  mean {s['mean_duration_s']:.2f} s  "
-              f"{s['num_voices']:3d} voices  {path}")
-    print(f"{'total':>18}: {stats['total']['utterances']:5d} utts {stats['total']['hours']:.3f} h  "
-          f"({wall:.1f} s wall)")
+        print(
+            f"{split:>18}: {s['utterances']:5d} utts {s['hours']:.3f} h  mean {s['mean_duration_s']:.2f} s  "
+            f"{s['num_voices']:3d} voices  {path}"
+        )
+    print(f"{'total':>18}: {stats['total']['utterances']:5d} utts {stats['total']['hours']:.3f} h  ({wall:.1f} s wall)")
     return 0
 
 

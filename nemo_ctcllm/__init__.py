@@ -1,4 +1,5 @@
 """nemo_ctcllm: NeMo CTC models with intermediate CTC heads and LLM-based training regularizers."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models and data are local; never reach for a hub

@@ -4,6 +4,7 @@ and the blocks that several parts of the package read (``model.llm``).
 Every message names the full config key (``model.objectives.clip.dim must be ...``) and the allowed values.
 This module imports nothing of the package, so every layer (data, llm, objectives, models, scripts) can use it.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """WER/CER of a .nemo (or an in-memory model) on a NeMo manifest, with a per-utterance output file."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,13 @@ def transcribe_manifest(model, manifest: str, batch_size: int = 16) -> List[dict
     if isinstance(hyps, tuple):  # some NeMo versions return (best, all)
         hyps = hyps[0]
     return [
-        {"audio_filepath": p, "text": e.get("text", ""), "pred_text": _as_text(h), "duration": e.get("duration"),
-         "engine": e.get("engine")}
+        {
+            "audio_filepath": p,
+            "text": e.get("text", ""),
+            "pred_text": _as_text(h),
+            "duration": e.get("duration"),
+            "engine": e.get("engine"),
+        }
         for p, e, h in zip(paths, entries, hyps)
     ]
 
@@ -48,20 +54,30 @@ def score(rows: List[dict], key: str = "pred_text") -> Dict[str, float]:
     }
     engines = sorted({r["engine"] for r in rows if r.get("engine")})
     if engines:
-        result["by_engine"] = {e: score([{**r, "engine": None} for r in rows if r.get("engine") == e], key)
-                               for e in engines}
+        result["by_engine"] = {
+            e: score([{**r, "engine": None} for r in rows if r.get("engine") == e], key) for e in engines
+        }
     return result
 
 
-def evaluate(model, manifest: str, out_path: Optional[str] = None, batch_size: int = 16, llm_host=None,
-             nbest: int = 8, llm_weight: float = 0.5, length_normalize: bool = False) -> Dict[str, float]:
+def evaluate(
+    model,
+    manifest: str,
+    out_path: Optional[str] = None,
+    batch_size: int = 16,
+    llm_host=None,
+    nbest: int = 8,
+    llm_weight: float = 0.5,
+    length_normalize: bool = False,
+) -> Dict[str, float]:
     """Transcribe ``manifest`` with ``model`` (an ASRModel or a .nemo path; NeMo's greedy decoding); write
     per-utterance JSON lines. With ``llm_host`` (an :class:`nemo_ctcllm.llm.LLMHost`) each utterance is also
     decoded by N-best LLM rescoring (:mod:`nemo_ctcllm.decoding.llm_rerank`): rows get ``pred_text_llm`` and the
     result an ``llm_rescored`` entry (its WER/CER and settings) beside the greedy scores."""
     if isinstance(model, str):
-        import nemo_ctcllm  # noqa: F401
         from nemo.collections.asr.models import ASRModel
+
+        import nemo_ctcllm  # noqa: F401
 
         model = ASRModel.restore_from(model, map_location="cpu")
     if llm_host is not None:
@@ -82,6 +98,10 @@ def evaluate(model, manifest: str, out_path: Optional[str] = None, batch_size: i
                 f.write(json.dumps(r) + "\n")
     result = score(rows)
     if llm_host is not None:
-        result["llm_rescored"] = {**score(rows, "pred_text_llm"), "nbest": nbest, "llm_weight": llm_weight,
-                                  "length_normalize": length_normalize}
+        result["llm_rescored"] = {
+            **score(rows, "pred_text_llm"),
+            "nbest": nbest,
+            "llm_weight": llm_weight,
+            "length_normalize": length_normalize,
+        }
     return result

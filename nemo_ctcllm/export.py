@@ -6,6 +6,7 @@ model's state anyway) is dropped. If nothing left changes the forward pass, the 
 restores and transcribes without this package. With self-conditioned InterCTC the conditioning heads are
 part of inference: the model stays an EncDecCTCLLMModelBPE keeping only those heads.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,9 @@ def atomic_save(model, path: str) -> str:
 
 def export_for_inference(src: str, dst: str) -> str:
     """Restore a training ``.nemo``, strip it, save the inference ``.nemo``; returns the class name saved."""
-    import nemo_ctcllm  # noqa: F401  (registers the package's target prefix)
     from nemo.collections.asr.models import ASRModel
+
+    import nemo_ctcllm  # noqa: F401  (registers the package's target prefix)
 
     model = ASRModel.restore_from(src, map_location="cpu")
     plain = strip_for_inference(model) if hasattr(model, "inference_terms") else True

@@ -11,6 +11,7 @@ different utterances. The data loader shards by global rank (each rank its own u
 that feeds the LLM must make its inputs identical within the TP group itself, e.g. by all-gathering them
 over ``parallel_state.get_tensor_model_parallel_group()`` and keeping the gradient of its own slice.
 """
+
 from __future__ import annotations
 
 import os

@@ -16,6 +16,7 @@ Semi-supervised training (an objective block with ``unlabelled: true``, e.g. ``l
 line without a ``text`` key is an unlabelled utterance and is kept; ``"text": ""`` is still a bad line (the
 batch could not tell it from an unlabelled one). Validation manifests always need text.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,8 @@ from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, ListConfig, open_dict
 
-from nemo_ctcllm.data.manifest import CheckConfig, ManifestError, scan_manifest, write_manifest
 from nemo_ctcllm.config import ConfigError, check_bool, check_number, merge_block
+from nemo_ctcllm.data.manifest import CheckConfig, ManifestError, scan_manifest, write_manifest
 
 DATA_CHECK_DEFAULTS = {
     "skip_bad_utterances": False,
@@ -94,8 +95,11 @@ def check_training_data(cfg: DictConfig, log_dir: Optional[str] = None) -> Dict[
     checks = read_data_checks(cfg.get("data_checks"))
     model_cfg = cfg.model
     base = CheckConfig(
-        min_duration=checks.min_duration, max_duration=checks.max_duration, check_audio=checks.check_audio,
-        frame_shift=frame_shift_seconds(model_cfg), tokenizer=load_tokenizer(model_cfg),
+        min_duration=checks.min_duration,
+        max_duration=checks.max_duration,
+        check_audio=checks.check_audio,
+        frame_shift=frame_shift_seconds(model_cfg),
+        tokenizer=load_tokenizer(model_cfg),
         sample_rate=model_cfg.get("sample_rate"),
     )
     semi = uses_unlabelled(model_cfg)

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Train a SentencePiece BPE tokenizer on manifests' transcripts, in NeMo's folder layout.
 
-    python scripts/build_tokenizer.py --manifest demo_data/train_manifest.json --vocab-size 128 --out artifacts/tokenizers
+    python scripts/build_tokenizer.py --manifest demo_data/train_manifest.json --vocab-size 128 \
+        --out artifacts/tokenizers
 prints the tokenizer folder (use it as model.tokenizer.dir).
 """
+
 import argparse
 
 from nemo_ctcllm.data.tokenizer import build_bpe_tokenizer

@@ -11,6 +11,7 @@ search, beam = N), each scored a + λ·l with a = log p_CTC(y | x) and l = the L
     python scripts/evaluate.py --model model.nemo --manifest demo_data/test_manifest.json --out-dir eval/ \\
         --llm artifacts/llm/smollm2-135m --nbest 8 --llm-weight 0.5
 """
+
 import argparse
 import json
 import math
@@ -42,13 +43,18 @@ def main(argv=None):
     g = p.add_argument_group("N-best LLM rescoring (optional)")
     g.add_argument("--llm", default=None, help="local Hugging Face LLaMA folder: also decode with N-best rescoring")
     g.add_argument("--nbest", type=_nbest, default=8, help="hypotheses per utterance (default: %(default)s)")
-    g.add_argument("--llm-weight", type=_weight, default=0.5,
-                   help="λ in a + λ·l; 0 keeps the N-best's acoustic top (default: %(default)s)")
+    g.add_argument(
+        "--llm-weight",
+        type=_weight,
+        default=0.5,
+        help="λ in a + λ·l; 0 keeps the N-best's acoustic top (default: %(default)s)",
+    )
     g.add_argument("--length-normalize", action="store_true", help="LLM score per LLM token instead of summed")
     args = p.parse_args(argv)
 
-    import nemo_ctcllm  # noqa: F401
     from nemo.collections.asr.models import ASRModel
+
+    import nemo_ctcllm  # noqa: F401
 
     model = ASRModel.restore_from(args.model, map_location="cpu")
     host = None
@@ -63,8 +69,16 @@ def main(argv=None):
         if args.out_dir:
             os.makedirs(args.out_dir, exist_ok=True)
             out = os.path.join(args.out_dir, f"{name}.predictions.jsonl")
-        summary[name] = evaluate(model, manifest, out_path=out, batch_size=args.batch_size, llm_host=host,
-                                 nbest=args.nbest, llm_weight=args.llm_weight, length_normalize=args.length_normalize)
+        summary[name] = evaluate(
+            model,
+            manifest,
+            out_path=out,
+            batch_size=args.batch_size,
+            llm_host=host,
+            nbest=args.nbest,
+            llm_weight=args.llm_weight,
+            length_normalize=args.length_normalize,
+        )
     print(f"{'split':<32} {'utts':>6} {'WER %':>7} {'CER %':>7}")
     for name, s in summary.items():
         print(f"{name:<32} {s['utterances']:>6} {100 * s['wer']:>7.2f} {100 * s['cer']:>7.2f}")

@@ -4,6 +4,7 @@ never saved). Without self-conditioning the output is a plain NeMo EncDecCTCMode
 
     python scripts/export.py --src nemo_experiments/.../Conformer-CTC-LLM-BPE.nemo --dst model.nemo
 """
+
 import argparse
 
 from nemo_ctcllm.export import export_for_inference

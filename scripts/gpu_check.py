@@ -26,6 +26,7 @@ others still run):
 * ``tests``: the test modules that branch on CUDA (``torch.cuda.is_available()``) run under pytest on this
   machine; pass/fail/skip counts and every skip reason. With ``--dry-run`` they are only collected.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,18 +52,50 @@ if str(REPO) not in sys.path:
 PARTS = ["env", "host_vs_hf", "throughput", "train", "tests"]
 
 # Hugging Face config.json fields of the two LLM shapes (HuggingFaceTB/SmolLM2-135M, meta-llama/Llama-3.2-1B).
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
-                    rms_norm_eps=1e-5, tie_word_embeddings=True)
-LLAMA_32_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                   num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-                   rms_norm_eps=1e-5, tie_word_embeddings=True,
-                   rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                     original_max_position_embeddings=8192))
+SMOLLM2_135M = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+LLAMA_32_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    rope_scaling=dict(
+        rope_type="llama3",
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+)
 # --dry-run: the same code on shapes a CPU runs in seconds (the llama3 RoPE kept, so its path is exercised)
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=512, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
-            tie_word_embeddings=True)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 TINY_LLAMA3 = dict(TINY, rope_scaling=LLAMA_32_1B["rope_scaling"])
 
 
@@ -127,10 +160,12 @@ def write_random_llama(folder: Path, shape: dict, seed: int = 0) -> Path:
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    tok.train_from_iterator(sentences(), trainers.WordLevelTrainer(vocab_size=shape["vocab_size"],
-                                                                   special_tokens=specials))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(folder)
+    tok.train_from_iterator(
+        sentences(), trainers.WordLevelTrainer(vocab_size=shape["vocab_size"], special_tokens=specials)
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(folder)
     return folder
 
 
@@ -155,14 +190,20 @@ def part_env(args, work: Path) -> dict:
     import nemo
     import torch
 
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-           "device": torch.cuda.get_device_name() if cuda() else "cpu", "nemo": nemo.__version__,
-           "megatron_core": megatron.core.__version__,
-           "transformer_engine": importlib.util.find_spec("transformer_engine") is not None,
-           "apex": importlib.util.find_spec("apex") is not None}
+    out = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if cuda() else "cpu",
+        "nemo": nemo.__version__,
+        "megatron_core": megatron.core.__version__,
+        "transformer_engine": importlib.util.find_spec("transformer_engine") is not None,
+        "apex": importlib.util.find_spec("apex") is not None,
+    }
     host = build_host(write_random_llama(work / "llm_small", args.small_shape))
-    out["llm_final_norm"] = type(host.gpt.decoder.final_layernorm).__module__ + "." + \
-        type(host.gpt.decoder.final_layernorm).__name__
+    out["llm_final_norm"] = (
+        type(host.gpt.decoder.final_layernorm).__module__ + "." + type(host.gpt.decoder.final_layernorm).__name__
+    )
     out["llm_layer_norm"] = type(host.gpt.decoder.layers[0].input_layernorm).__name__
     return out
 
@@ -180,7 +221,7 @@ def build_host(folder: Path):
     return _HOSTS[folder]
 
 
-def hf_token_losses(folder: Path, ids, labels, dtype) -> "torch.Tensor":
+def hf_token_losses(folder: Path, ids, labels, dtype):
     """Per-token cross entropy [B, L] of the Hugging Face model (0 where labels are -100)."""
     import torch
     from transformers import LlamaForCausalLM
@@ -190,8 +231,9 @@ def hf_token_losses(folder: Path, ids, labels, dtype) -> "torch.Tensor":
     with torch.no_grad():
         logits = model(input_ids=ids.to(device)).logits.float()  # [B, L, V]
     del model
-    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.to(device), ignore_index=-100,
-                                             reduction="none")  # [B, L]
+    loss = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels.to(device), ignore_index=-100, reduction="none"
+    )  # [B, L]
     return loss.cpu()
 
 
@@ -202,8 +244,9 @@ def part_host_vs_hf(args, work: Path) -> dict:
     host = build_host(folder)
     ids, labels, lengths = random_batch(args.small_shape["vocab_size"], 4, args.seq_len)
     with torch.no_grad():
-        host_loss, _ = host.forward_embeds(host.embed(ids.to(host.device)), labels.to(host.device),
-                                           lengths=lengths.to(host.device))  # [B, L]
+        host_loss, _ = host.forward_embeds(
+            host.embed(ids.to(host.device)), labels.to(host.device), lengths=lengths.to(host.device)
+        )  # [B, L]
     host_loss = host_loss.float().cpu()
     ref = hf_token_losses(folder, ids, labels, torch.float32)  # [B, L]
     hf_low = hf_token_losses(folder, ids, labels, host.dtype)  # [B, L]
@@ -211,9 +254,16 @@ def part_host_vs_hf(args, work: Path) -> dict:
     host_err = (host_loss - ref)[valid].abs().max().item()
     hf_err = (hf_low - ref)[valid].abs().max().item()
     tolerance = 2 * hf_err + 1e-3
-    return {"dtype": str(host.dtype), "tokens": int(valid.sum()), "mean_loss_fp32_hf": ref[valid].mean().item(),
-            "mean_loss_host": host_loss[valid].mean().item(), "max_abs_err_host_vs_fp32": host_err,
-            "max_abs_err_hf_same_dtype_vs_fp32": hf_err, "tolerance": tolerance, "ok": host_err <= tolerance}
+    return {
+        "dtype": str(host.dtype),
+        "tokens": int(valid.sum()),
+        "mean_loss_fp32_hf": ref[valid].mean().item(),
+        "mean_loss_host": host_loss[valid].mean().item(),
+        "max_abs_err_host_vs_fp32": host_err,
+        "max_abs_err_hf_same_dtype_vs_fp32": hf_err,
+        "tolerance": tolerance,
+        "ok": host_err <= tolerance,
+    }
 
 
 def fwd_bwd_rate(folder: Path, batch: int, seq_len: int, repeats: int) -> dict:
@@ -242,16 +292,24 @@ def fwd_bwd_rate(folder: Path, batch: int, seq_len: int, repeats: int) -> dict:
         step()
     sync()
     seconds = (time.perf_counter() - t0) / repeats
-    return {"batch": batch, "seq_len": seq_len, "weights_mib": round(weights_mib, 1),
-            "ms_per_step": round(seconds * 1000, 2), "tokens_per_s": round(batch * seq_len / seconds, 1),
-            "peak_mib": round(peak_mib(), 1), "dtype": str(host.dtype)}
+    return {
+        "batch": batch,
+        "seq_len": seq_len,
+        "weights_mib": round(weights_mib, 1),
+        "ms_per_step": round(seconds * 1000, 2),
+        "tokens_per_s": round(batch * seq_len / seconds, 1),
+        "peak_mib": round(peak_mib(), 1),
+        "dtype": str(host.dtype),
+    }
 
 
 def part_throughput(args, work: Path) -> dict:
     small = write_random_llama(work / "llm_small", args.small_shape)
     big = write_random_llama(work / "llm_1b", args.big_shape, seed=1)
-    return {"smollm2_135m_shape": fwd_bwd_rate(small, args.batch, args.seq_len, args.repeats),
-            "llama_3.2_1b_shape": fwd_bwd_rate(big, args.batch, args.seq_len, args.repeats)}
+    return {
+        "smollm2_135m_shape": fwd_bwd_rate(small, args.batch, args.seq_len, args.repeats),
+        "llama_3.2_1b_shape": fwd_bwd_rate(big, args.batch, args.seq_len, args.repeats),
+    }
 
 
 def audio_manifest(audio_dir: Path, out: Path) -> Path:
@@ -279,8 +337,9 @@ def make_audio(folder: Path, count: int = 32) -> None:
     from demo.corpus import make_demo_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
-        manifests = make_demo_corpus(tmp, num_train=count, num_dev=2, num_test=2, num_test_unseen_engine=2, seed=0,
-                                     workers=2, progress=False)
+        manifests = make_demo_corpus(
+            tmp, num_train=count, num_dev=2, num_test=2, num_test_unseen_engine=2, seed=0, workers=2, progress=False
+        )
         train = Path(manifests["train"])
         folder.mkdir(parents=True, exist_ok=True)
         rows = []
@@ -348,15 +407,27 @@ def part_train(args, work: Path) -> dict:
     tokenizer = build_bpe_tokenizer_from_texts(sentences(), str(work / "tokenizer"), vocab_size=128)
     llm = write_random_llama(work / "llm_small", args.small_shape)
     overrides = [
-        f"model.train_ds.manifest_filepath={manifest}", f"model.validation_ds.manifest_filepath={manifest}",
-        f"model.tokenizer.dir={tokenizer}", f"model.llm.checkpoint={llm}",
-        "model.objectives.llm_prefix_clm.enabled=true", "model.objectives.clip.enabled=true",
-        f"trainer.max_steps={args.steps}", f"trainer.precision={args.precision}", "trainer.devices=1",
-        "trainer.check_val_every_n_epoch=1000", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-        "trainer.strategy=auto", "model.train_ds.num_workers=0",
-        "model.train_ds.batch_duration=40", "model.train_ds.num_buckets=2", "model.train_ds.pin_memory=false",
-        "model.validation_ds.num_workers=0", f"exp_manager.exp_dir={work / 'exp'}",
-        "exp_manager.create_checkpoint_callback=false", "exp_manager.resume_if_exists=false",
+        f"model.train_ds.manifest_filepath={manifest}",
+        f"model.validation_ds.manifest_filepath={manifest}",
+        f"model.tokenizer.dir={tokenizer}",
+        f"model.llm.checkpoint={llm}",
+        "model.objectives.llm_prefix_clm.enabled=true",
+        "model.objectives.clip.enabled=true",
+        f"trainer.max_steps={args.steps}",
+        f"trainer.precision={args.precision}",
+        "trainer.devices=1",
+        "trainer.check_val_every_n_epoch=1000",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.strategy=auto",
+        "model.train_ds.num_workers=0",
+        "model.train_ds.batch_duration=40",
+        "model.train_ds.num_buckets=2",
+        "model.train_ds.pin_memory=false",
+        "model.validation_ds.num_workers=0",
+        f"exp_manager.exp_dir={work / 'exp'}",
+        "exp_manager.create_checkpoint_callback=false",
+        "exp_manager.resume_if_exists=false",
         *args.train_overrides,
     ]
     cfg = recipe_config(overrides)
@@ -370,13 +441,18 @@ def part_train(args, work: Path) -> dict:
     reset_peak()
     trainer.fit(model)
     steady = stats.times[1:] or stats.times  # the first step compiles kernels and builds the LLM host
-    return {"steps": trainer.global_step, "precision": args.precision, "objectives": ["ctc_final", "interctc",
-            "llm_prefix_clm", "clip"], "encoder_params_m": round(sum(p.numel() for p in model.parameters()) / 1e6,
-                                                                 2),
-            "first_step_s": round(stats.times[0], 3) if stats.times else None,
-            "median_step_s": round(statistics.median(steady), 4) if steady else None,
-            "peak_mib": round(peak_mib(), 1), "first_loss": stats.losses[0] if stats.losses else None,
-            "last_loss": stats.losses[-1] if stats.losses else None, "overrides": overrides}
+    return {
+        "steps": trainer.global_step,
+        "precision": args.precision,
+        "objectives": ["ctc_final", "interctc", "llm_prefix_clm", "clip"],
+        "encoder_params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "first_step_s": round(stats.times[0], 3) if stats.times else None,
+        "median_step_s": round(statistics.median(steady), 4) if steady else None,
+        "peak_mib": round(peak_mib(), 1),
+        "first_loss": stats.losses[0] if stats.losses else None,
+        "last_loss": stats.losses[-1] if stats.losses else None,
+        "overrides": overrides,
+    }
 
 
 CUDA_BRANCH = re.compile(r"^\s*(if|@pytest\.mark\.skipif\()\s*.*torch\.cuda\.is_available\(\)", re.M)
@@ -384,8 +460,9 @@ CUDA_BRANCH = re.compile(r"^\s*(if|@pytest\.mark\.skipif\()\s*.*torch\.cuda\.is_
 
 def cuda_test_modules() -> list[str]:
     """Test modules whose behaviour depends on CUDA being present (an ``if`` or ``skipif`` on it)."""
-    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
-                  if CUDA_BRANCH.search(p.read_text()))
+    return sorted(
+        str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py") if CUDA_BRANCH.search(p.read_text())
+    )
 
 
 def part_tests(args, work: Path) -> dict:
@@ -393,8 +470,18 @@ def part_tests(args, work: Path) -> dict:
 
     modules = cuda_test_modules()
     junit = work / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-           f"--junitxml={junit}", *modules]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rs",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
+        f"--junitxml={junit}",
+        *modules,
+    ]
     if args.dry_run:
         cmd.append("--collect-only")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -409,8 +496,11 @@ def part_tests(args, work: Path) -> dict:
         suite = root if root.tag == "testsuite" else root.find("testsuite")
         out.update({k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")})
         out["skip_reasons"] = sorted({s.get("message", "") for s in root.iter("skipped")})
-        out["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in root.iter("testcase")
-                         if c.find("failure") is not None or c.find("error") is not None]
+        out["failed"] = [
+            f"{c.get('classname')}::{c.get('name')}"
+            for c in root.iter("testcase")
+            if c.find("failure") is not None or c.find("error") is not None
+        ]
     collected = re.search(r"(\d+) tests? collected", tail)
     out["collected"] = int(collected.group(1)) if collected else None
     return out
@@ -458,11 +548,18 @@ def parse_args(argv=None):
         args.small_shape, args.big_shape = TINY, TINY_LLAMA3
         args.batch, args.seq_len, args.repeats, args.steps = 2, 16, 1, min(args.steps, 3)
         args.train_overrides = [
-            "model.encoder.n_layers=2", "model.encoder.d_model=32", "model.encoder.n_heads=2",
-            "model.encoder.conv_kernel_size=9", "model.encoder.ff_expansion_factor=2",
-            "model.objectives.llm_prefix_clm.blocks=[2]", "model.objectives.llm_prefix_clm.weights=[1.0]",
-            "model.objectives.interctc.blocks=[1]", "model.objectives.interctc.weights=[0.3]",
-            "model.objectives.clip.dim=16", *args.train_overrides]
+            "model.encoder.n_layers=2",
+            "model.encoder.d_model=32",
+            "model.encoder.n_heads=2",
+            "model.encoder.conv_kernel_size=9",
+            "model.encoder.ff_expansion_factor=2",
+            "model.objectives.llm_prefix_clm.blocks=[2]",
+            "model.objectives.llm_prefix_clm.weights=[1.0]",
+            "model.objectives.interctc.blocks=[1]",
+            "model.objectives.interctc.weights=[0.3]",
+            "model.objectives.clip.dim=16",
+            *args.train_overrides,
+        ]
     return args
 
 

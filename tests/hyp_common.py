@@ -4,6 +4,7 @@ Posteriors: an untrained tiny model's N-best are all-wrong hypotheses with the s
 add a constant bias towards the transcript's tokens (:func:`steered`) -- like a partly trained model; the graph
 to the encoder is kept.
 """
+
 import dataclasses
 
 import pytest
@@ -72,6 +73,8 @@ def assert_config_error(tokenizer_dir, tiny_llm, name, block, message):
 
 
 def assert_config_error_without_llm(tokenizer_dir, name):
-    with pytest.raises(ConfigError, match=f"model.objectives.{name} scores hypotheses with the LLM, but "
-                                          "model.llm.checkpoint is not set"):
+    with pytest.raises(
+        ConfigError,
+        match=f"model.objectives.{name} scores hypotheses with the LLM, but model.llm.checkpoint is not set",
+    ):
         EncDecCTCLLMModelBPE(tiny_model_cfg(tokenizer_dir, **{name: {}}))

@@ -7,6 +7,7 @@ Every rank scores its *own* hypothesis texts (:func:`hyp_texts`) with
 every rank runs the LLM on all of them) and writes its rows to ``DIR/rank<r>.pt``; the test compares them
 with TP=1 in one process.
 """
+
 import os
 
 import torch
@@ -19,15 +20,16 @@ WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "hello", "w
 def hyp_texts(rank: int):
     """Rank-specific N-best-like texts (3 + rank of them, one empty: an empty hypothesis is scored too)."""
     g = torch.Generator().manual_seed(300 + rank)
-    texts = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=g).tolist())
-             for n in torch.randint(1, 7, (2 + rank,), generator=g)]
+    texts = [
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=g).tolist())
+        for n in torch.randint(1, 7, (2 + rank,), generator=g)
+    ]
     return texts + [""]
 
 
 def main() -> None:
-    from obj_tp_worker import worker_setup
-
     import torch.distributed as dist
+    from obj_tp_worker import worker_setup
 
     args, rank, world = worker_setup(["scores"])
 
@@ -36,8 +38,11 @@ def main() -> None:
 
     host = LLMHost(args.checkpoint, tp_size=world, params_dtype=torch.float32)
     texts = hyp_texts(rank)
-    result = {"texts": texts, "summed": llm_log_likelihood(host, texts, normalize=False),
-              "normalized": llm_log_likelihood(host, texts, normalize=True)}
+    result = {
+        "texts": texts,
+        "summed": llm_log_likelihood(host, texts, normalize=False),
+        "normalized": llm_log_likelihood(host, texts, normalize=True),
+    }
     torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -34,14 +34,16 @@ def expected_shard_shapes(spec, tp: int) -> dict:
     shapes = {"embedding.word_embeddings.weight": (V // tp, H), "decoder.final_layernorm.weight": (H,)}
     for i in range(L):
         p = f"decoder.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (H,),
-            p + "self_attention.linear_qkv.weight": ((nq + 2 * ng) * D // tp, H),
-            p + "self_attention.linear_proj.weight": (H, nq * D // tp),
-            p + "pre_mlp_layernorm.weight": (H,),
-            p + "mlp.linear_fc1.weight": (2 * F // tp, H),
-            p + "mlp.linear_fc2.weight": (H, F // tp),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (H,),
+                p + "self_attention.linear_qkv.weight": ((nq + 2 * ng) * D // tp, H),
+                p + "self_attention.linear_proj.weight": (H, nq * D // tp),
+                p + "pre_mlp_layernorm.weight": (H,),
+                p + "mlp.linear_fc1.weight": (2 * F // tp, H),
+                p + "mlp.linear_fc2.weight": (H, F // tp),
+            }
+        )
     if not spec.tie_word_embeddings:
         shapes["output_layer.weight"] = (V // tp, H)
     return shapes
@@ -55,8 +57,9 @@ def check_host_layout(host, tp: int) -> None:
     assert host.tp_size == tp == parallel_state.get_tensor_model_parallel_world_size(), (host.tp_size, tp)
     assert parallel_state.get_tensor_model_parallel_rank() == dist.get_rank() % tp
     held = {k: tuple(v.shape) for k, v in host.gpt.state_dict().items() if not k.endswith("_extra_state")}
-    assert held == expected_shard_shapes(host.spec, tp), sorted(set(held.items()) ^ set(expected_shard_shapes(
-        host.spec, tp).items()))[:8]
+    assert held == expected_shard_shapes(host.spec, tp), sorted(
+        set(held.items()) ^ set(expected_shard_shapes(host.spec, tp).items())
+    )[:8]
     norms = [host.gpt.decoder.final_layernorm]
     for layer in host.gpt.decoder.layers:
         norms += [layer.input_layernorm, layer.pre_mlp_layernorm]

@@ -10,6 +10,7 @@ writes ``DIR/rank<r>.pt``. The tests recompute the same batches in-process with 
   phases A and B (TP=1): in-batch negatives gathered over all ranks (the encoder's data-parallel group),
   loss and gradients.
 """
+
 import argparse
 import os
 
@@ -17,8 +18,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is first imported
 
-TEXTS = ["the cat sat on the mat", "a dog ran far away from the cat", "hello world", "speech to text is fun",
-         "the dog sat", "hello cat"]
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran far away from the cat",
+    "hello world",
+    "speech to text is fun",
+    "the dog sat",
+    "hello cat",
+]
 CLM_INSTRUCTION = "hello world"
 CLIP_D_AUDIO, CLIP_DIM = 8, 16
 
@@ -52,8 +59,13 @@ def clip_step(obj, host, pooled, texts) -> dict:
     feats = obj.text_features(host, texts)  # [b, H]
     loss, stats = obj.contrastive(pooled, feats, texts)
     loss.backward()
-    return {"feats": feats, "loss": loss.detach(), "acc": stats["acc"], "grad": pooled.grad,
-            "params": {n: p.grad.clone() for n, p in obj.named_parameters()}}
+    return {
+        "feats": feats,
+        "loss": loss.detach(),
+        "acc": stats["acc"],
+        "grad": pooled.grad,
+        "params": {n: p.grad.clone() for n, p in obj.named_parameters()},
+    }
 
 
 def run_clm(ckpt, world: int, rank: int) -> dict:
@@ -65,8 +77,12 @@ def run_clm(ckpt, world: int, rank: int) -> dict:
     prompt.requires_grad_(True)
     utt, loss = prefix_clm(host, prompt, prompt_len, texts, CLM_INSTRUCTION)
     loss.backward()
-    return {"loss": loss.detach(), "utt": utt.detach(), "grad": prompt.grad,
-            "llm_grads": sum(p.grad is not None for p in host.llm_parameters())}
+    return {
+        "loss": loss.detach(),
+        "utt": utt.detach(),
+        "grad": prompt.grad,
+        "llm_grads": sum(p.grad is not None for p in host.llm_parameters()),
+    }
 
 
 def run_clip(ckpt, world: int, rank: int) -> dict:
@@ -122,14 +138,34 @@ def launch(mode: str, checkpoint, out_dir, nproc: int = 2, timeout: int = 300, w
     from pathlib import Path
 
     tests = Path(__file__).resolve().parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]),
+    }
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(port), str(Path(worker or __file__).resolve()),
-           "--mode", mode, "--out", str(out_dir), str(checkpoint)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(Path(worker or __file__).resolve()),
+        "--mode",
+        mode,
+        "--out",
+        str(out_dir),
+        str(checkpoint),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=tests.parent, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(nproc)]

@@ -15,6 +15,7 @@ writes what the test compares across ranks to ``DIR/rank<r>.pt`` ({case: result}
 
 A rank that deadlocks makes torchrun overrun the test's hard timeout.
 """
+
 import json
 import os
 
@@ -30,8 +31,9 @@ TP_OBJECTIVES = {
 }
 
 
-def train(setup: dict, objectives: dict, steps: int, fault=None, semi_supervised: bool = False,
-          llm=None, bad_steps=None) -> dict:
+def train(
+    setup: dict, objectives: dict, steps: int, fault=None, semi_supervised: bool = False, llm=None, bad_steps=None
+) -> dict:
     """Fit the tiny model for ``steps`` steps; ``fault(model, rank)`` patches it first. Returns what the test
     compares across ranks (or the error message a rank stopped with)."""
     import lightning.pytorch as pl
@@ -47,9 +49,17 @@ def train(setup: dict, objectives: dict, steps: int, fault=None, semi_supervised
         cfg.llm = {"checkpoint": llm, "tensor_model_parallel_size": 2}
     if bad_steps is not None:
         cfg.bad_steps = bad_steps
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+    )
     model = EncDecCTCLLMModelBPE(cfg, trainer=trainer)
     model.semi_supervised = semi_supervised  # as with an objective that reads unlabelled rows
     labelled_rows = []
@@ -61,18 +71,23 @@ def train(setup: dict, objectives: dict, steps: int, fault=None, semi_supervised
     except NonFiniteLossError as e:
         out["error"] = str(e)
     opt = trainer.optimizers[0]
-    out.update({
-        "global_step": trainer.global_step, "skipped": model._skipped_steps, "updates": model.optimizer_updates,
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
-        "adam_steps": sorted(int(s.get("step", 0)) for s in opt.state.values()),
-        "labelled_rows": labelled_rows,
-    })
+    out.update(
+        {
+            "global_step": trainer.global_step,
+            "skipped": model._skipped_steps,
+            "updates": model.optimizer_updates,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+            "adam_steps": sorted(int(s.get("step", 0)) for s in opt.state.values()),
+            "labelled_rows": labelled_rows,
+        }
+    )
     return out
 
 
 def nan_on_rank1(term: str, at_steps):
     """Fault injection: term ``term`` returns NaN on rank 1 at the given global steps."""
+
     def fault(model, rank, _):
         if rank != 1:
             return
@@ -84,6 +99,7 @@ def nan_on_rank1(term: str, at_steps):
             return (loss * float("nan"), stats) if model.global_step in at_steps else (loss, stats)
 
         obj.forward = faulty
+
     return fault
 
 
@@ -106,8 +122,15 @@ def run_tp(setup, llm) -> dict:
 
     init_model_parallel(2)
     interctc = {"interctc": {"blocks": [2], "weights": [0.3]}}
-    results = {"nan": train(setup, {**interctc, "llm_prefix_clm": TP_OBJECTIVES["llm_prefix_clm"]}, 3,
-                            nan_on_rank1("interctc_l2", {1}), llm=llm)}
+    results = {
+        "nan": train(
+            setup,
+            {**interctc, "llm_prefix_clm": TP_OBJECTIVES["llm_prefix_clm"]},
+            3,
+            nan_on_rank1("interctc_l2", {1}),
+            llm=llm,
+        )
+    }
     for name, block in TP_OBJECTIVES.items():
         results[f"empty_{name}"] = train(setup, {name: block}, 2, unlabelled_rows, semi_supervised=True, llm=llm)
     return results
@@ -120,8 +143,9 @@ def run_dp(setup) -> dict:
         "nan": train(setup, interctc, 3, nan_on_rank1("interctc_l2", {1})),
         "weight0": train(setup, {"token_contrastive": {**byol, "mode": "simclr", "weight": 0.0}}, 2),
         "byol": train(setup, {"token_contrastive": byol}, 4, nan_on_rank1("token_contrastive", {2})),
-        "stop": train(setup, interctc, 5, nan_on_rank1("interctc_l2", set(range(10))),
-                      bad_steps={"max_consecutive": 2}),
+        "stop": train(
+            setup, interctc, 5, nan_on_rank1("interctc_l2", set(range(10))), bad_steps={"max_consecutive": 2}
+        ),
     }
 
 

@@ -7,6 +7,7 @@ own CTC posteriors (:func:`softtext_inputs`, seeded by the rank) through the bri
 writes ``DIR/rank<r>.pt`` (loss and d loss / d log-probs per variant); the tests recompute them with TP=1.
 Launched with :func:`obj_tp_worker.launch` (``worker=`` this file).
 """
+
 import json
 import os
 
@@ -14,8 +15,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is first imported (in main)
 
-TEXTS = ["the cat sat on the mat", "a dog ran far away from the cat", "hello world", "speech to text is fun",
-         "the dog sat", "hello cat"]
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran far away from the cat",
+    "hello world",
+    "speech to text is fun",
+    "the dog sat",
+    "hello cat",
+]
 
 
 def softtext_inputs(rank: int, num_pieces: int, b=None):
@@ -39,8 +46,8 @@ VARIANTS = {  # name -> (estimator, target)
 
 
 def run_llm_lm_loss(host, pmap, rank: int) -> dict:
-    from nemo_ctcllm.objectives.shared.bridge import bridge
     from nemo_ctcllm.objectives.llm_lm_loss import llm_lm_loss
+    from nemo_ctcllm.objectives.shared.bridge import bridge
 
     out = {}
     for name, (estimator, target) in VARIANTS.items():
@@ -57,8 +64,8 @@ LANG_BATCH = 3  # the same on every rank: DDP's mean of per-rank means is then t
 
 
 def make_lang(hidden: int):
-    from nemo_ctcllm.objectives.shared.bridge import SoftHypothesis
     from nemo_ctcllm.objectives.lang_contrastive import LangContrastive
+    from nemo_ctcllm.objectives.shared.bridge import SoftHypothesis
 
     torch.manual_seed(0)
     reader = SoftHypothesis(None, "expected", 1.0, False)
@@ -67,8 +74,8 @@ def make_lang(hidden: int):
 
 def lang_loss(obj, host, pmap, log_probs, lengths, texts):
     """lang_contrastive's loss on given posteriors (what its forward computes from a StepContext)."""
-    from nemo_ctcllm.objectives.shared.bridge import bridge
     from nemo_ctcllm.objectives.lang_contrastive import pooled_soft_hidden
+    from nemo_ctcllm.objectives.shared.bridge import bridge
 
     soft = bridge(log_probs, lengths, pmap, "expected")
     return obj.contrastive(pooled_soft_hidden(host, soft), obj.text_features(host, texts), texts)[0]
@@ -80,14 +87,16 @@ def run_lang_contrastive(host, pmap, rank: int) -> dict:
     obj = make_lang(host.hidden_size)
     loss = lang_loss(obj, host, pmap, log_probs, lengths, texts)
     loss.backward()
-    return {"loss": loss.detach(), "grad": log_probs.grad,
-            "params": {n: p.grad.clone() for n, p in obj.named_parameters()}}
+    return {
+        "loss": loss.detach(),
+        "grad": log_probs.grad,
+        "params": {n: p.grad.clone() for n, p in obj.named_parameters()},
+    }
 
 
 def main() -> None:
-    from obj_tp_worker import worker_setup
-
     import torch.distributed as dist
+    from obj_tp_worker import worker_setup
 
     args, rank, world = worker_setup(["llm_lm_loss", "lang_contrastive"])
 

@@ -1,12 +1,12 @@
 """benchmarks/ablate.py --quick: the whole benchmark pipeline (train, resume-safe bookkeeping, export, score,
 table, plots) on a tiny corpus and model; a second call finds every run finished and trains nothing."""
+
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
@@ -33,8 +33,19 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
 
     # inference parity of the exports (benchmarks/bench_export.py): same class, size and parameters as plain CTC
-    bench = [sys.executable, "-m", "benchmarks.bench_export", "--work", str(tmp_path), "--rounds", "1",
-             "--manifest", str(tmp_path / "data" / "dev_manifest.json"), "--out", str(tmp_path / "parity.json")]
+    bench = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_export",
+        "--work",
+        str(tmp_path),
+        "--rounds",
+        "1",
+        "--manifest",
+        str(tmp_path / "data" / "dev_manifest.json"),
+        "--out",
+        str(tmp_path / "parity.json"),
+    ]
     proc = subprocess.run(bench, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     parity = {r["model"]: r for r in json.load(open(tmp_path / "parity.json"))["rows"]}
@@ -63,8 +74,12 @@ def test_ablate_quick_end_to_end_and_skips_finished_runs(tmp_path):
 def test_committed_result_files_name_no_machine_folders():
     from benchmarks.ablation import portable_command
 
-    assert portable_command(["python", "train.py", f"exp_dir={REPO}/artifacts/ablation/x_s0"],
-                            str(REPO / "artifacts" / "ablation")) == "python scripts/train.py exp_dir=artifacts/ablation/x_s0"
+    assert (
+        portable_command(
+            ["python", "train.py", f"exp_dir={REPO}/artifacts/ablation/x_s0"], str(REPO / "artifacts" / "ablation")
+        )
+        == "python scripts/train.py exp_dir=artifacts/ablation/x_s0"
+    )
     files = sorted((REPO / "docs" / "results").rglob("*.json"))
     assert files
     for path in files:
@@ -101,8 +116,10 @@ def test_a_combination_trains_its_parts_together_and_adds_their_step_costs():
     assert both.overrides.count(SMOLLM2) == 1  # one LLM for both objectives
     assert set(runs["llm_lm_loss"].overrides) | set(runs["llm_prefix_clm"].overrides) == set(both.overrides)
     assert both.cost_parts == [("interctc_llm_lm_loss", 4), ("interctc_llm_prefix_clm", 8)]
-    bench = {"interctc_llm_lm_loss": {"ratio": 3.0, "peak_ratio": 2.0},
-             "interctc_llm_prefix_clm": {"ratio": 9.0, "peak_ratio": 4.5}}
+    bench = {
+        "interctc_llm_lm_loss": {"ratio": 3.0, "peak_ratio": 2.0},
+        "interctc_llm_prefix_clm": {"ratio": 9.0, "peak_ratio": 4.5},
+    }
     # each objective's extra cost is paid on its own share of the steps: 1 + 2/4 + 8/8
     assert _cost_cells({"cost_parts": both.cost_parts}, bench) == ("2.50 (sum of its parts)", "≥ 4.50")
     # a result file from before cost_parts existed still reads as one objective
@@ -114,22 +131,36 @@ def test_a_combination_trains_its_parts_together_and_adds_their_step_costs():
 def test_the_table_reports_each_runs_own_logged_step_time_against_plain_ctc_of_its_sitting(tmp_path):
     """The in-training cost column: logged step time over plain CTC's of the same sitting (machine boot), one-thread
     runs only; files from before sittings were recorded share one pool of plain runs."""
-    from benchmarks.ablation import summarise, sitting_id
+    from benchmarks.ablation import sitting_id, summarise
 
     split = {"wer": 0.5, "cer": 0.2, "utterances": 4}
     for run, seed, secs, threads, sitting in (
-            ("plain_ctc", 0, 0.8, "1", None), ("plain_ctc", 1, 0.6, "1", None), ("llm_reward", 0, 1.4, "1", None),
-            ("interctc", 0, 0.3, None, None),
-            # a later sitting on a machine twice as fast: its own plain run is the reference
-            ("plain_ctc", 2, 0.35, "1", "b00t"), ("clip", 0, 0.7, "1", "b00t"), ("clip", 1, 1.05, "1", None),
-            ("byol", 0, 0.7, "1", "elsewhere")):
-        result = {"run": run, "seed": seed, "metrics": {s: split for s in ("dev", "test")}, "dev_curve": [[10, 0.6]],
-                  "steps": 10, "train_step_s_mean": secs, "omp_num_threads": threads, "bench_variant": None,
-                  **({"sitting": sitting} if sitting else {})}
+        ("plain_ctc", 0, 0.8, "1", None),
+        ("plain_ctc", 1, 0.6, "1", None),
+        ("llm_reward", 0, 1.4, "1", None),
+        ("interctc", 0, 0.3, None, None),
+        # a later sitting on a machine twice as fast: its own plain run is the reference
+        ("plain_ctc", 2, 0.35, "1", "b00t"),
+        ("clip", 0, 0.7, "1", "b00t"),
+        ("clip", 1, 1.05, "1", None),
+        ("byol", 0, 0.7, "1", "elsewhere"),
+    ):
+        result = {
+            "run": run,
+            "seed": seed,
+            "metrics": {s: split for s in ("dev", "test")},
+            "dev_curve": [[10, 0.6]],
+            "steps": 10,
+            "train_step_s_mean": secs,
+            "omp_num_threads": threads,
+            "bench_variant": None,
+            **({"sitting": sitting} if sitting else {}),
+        }
         (tmp_path / f"{run}_s{seed}.json").write_text(json.dumps(result))
     main_table = summarise(str(tmp_path), str(tmp_path / "plots")).split("seed by seed")[0]
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in main_table.splitlines()
-            if line.startswith("| ")}
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ") for line in main_table.splitlines() if line.startswith("| ")
+    }
     assert rows["plain_ctc"][-2] == "1.00" and rows["llm_reward"][-2] == "2.00"  # 1.4 / mean(0.8, 0.6)
     assert rows["clip"][-2] == "1.75"  # mean(0.7 / 0.35, 1.05 / 0.7), not 0.875 / mean(0.8, 0.6, 0.35)
     assert rows["interctc"][-2] == "—"  # two threads (not recorded as one): not comparable
@@ -142,14 +173,28 @@ def test_the_table_pairs_each_run_with_the_control_seed_by_seed(tmp_path):
     """Same seed, same initialisation and data order: the per-seed difference to the control, and its sign."""
     from benchmarks.ablation import summarise
 
-    for run, seed, wer in (("interctc", 0, 0.60), ("interctc", 1, 0.70), ("plain_ctc", 0, 0.62),
-                           ("plain_ctc", 1, 0.71), ("clip", 0, 0.58), ("clip", 1, 0.71), ("byol", 3, 0.5)):
+    for run, seed, wer in (
+        ("interctc", 0, 0.60),
+        ("interctc", 1, 0.70),
+        ("plain_ctc", 0, 0.62),
+        ("plain_ctc", 1, 0.71),
+        ("clip", 0, 0.58),
+        ("clip", 1, 0.71),
+        ("byol", 3, 0.5),
+    ):
         split = {"wer": wer, "cer": 0.2, "utterances": 4}
-        result = {"run": run, "seed": seed, "metrics": {s: split for s in ("dev", "test")}, "dev_curve": [[10, 0.6]],
-                  "steps": 10, "train_step_s_mean": None, "bench_variant": None}
+        result = {
+            "run": run,
+            "seed": seed,
+            "metrics": {s: split for s in ("dev", "test")},
+            "dev_curve": [[10, 0.6]],
+            "steps": 10,
+            "train_step_s_mean": None,
+            "bench_variant": None,
+        }
         (tmp_path / f"{run}_s{seed}.json").write_text(json.dumps(result))
     table = summarise(str(tmp_path), str(tmp_path / "plots"), order=["plain_ctc", "interctc", "clip", "byol"])
-    paired = table[table.index("seed by seed"):]
+    paired = table[table.index("seed by seed") :]
     assert "| plain_ctc | s0 +2.0, s1 +1.0 | +1.5 | higher on every seed |" in paired
     assert "| clip | s0 -2.0, s1 +1.0 | -0.5 | mixed |" in paired
     assert "| interctc |" not in paired and "| byol |" not in paired  # the control itself; no shared seed

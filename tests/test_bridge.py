@@ -4,6 +4,7 @@ Gradients are checked against finite differences (float64), their sign on a case
 invariance, and real tokenizer pairs where ASR pieces have no clean LM tokenization: NeMo's SentencePiece BPE
 against the tiny LLaMA's word-level tokenizer (many pieces unknown) and against SmolLM2's byte-level BPE.
 """
+
 import json
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def test_padding_invariance():
     pmap = tiny_map(mappable=[True, True, False, True, True], dtype=torch.float32)
     batched = bridge(noisy, lengths, pmap, "expected")
     for b, n in enumerate(lengths.tolist()):
-        alone = bridge(log_probs[b: b + 1, :n], lengths[b: b + 1], pmap, "expected")
+        alone = bridge(log_probs[b : b + 1, :n], lengths[b : b + 1], pmap, "expected")
         k = int(alone.lengths[0])
         assert int(batched.lengths[b]) == k
         torch.testing.assert_close(batched.embeds[b, :k], alone.embeds[0, :k])

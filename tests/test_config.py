@@ -1,4 +1,5 @@
 """Configs compose with Hydra overrides; bad values fail at construction with the key named."""
+
 import json
 import os
 import re
@@ -17,8 +18,12 @@ def test_recipe_and_demo_compose_with_overrides():
         cfg = compose(config_name="conformer_ctc_llm")
         demo = compose(
             config_name="conformer_ctc_llm_demo",
-            overrides=["model.objectives.interctc.blocks=[2,4]", "model.objectives.interctc.weights=[0.1,0.2]",
-                       "trainer.max_steps=7", "model.objectives.interctc.self_conditioning=true"],
+            overrides=[
+                "model.objectives.interctc.blocks=[2,4]",
+                "model.objectives.interctc.weights=[0.1,0.2]",
+                "trainer.max_steps=7",
+                "model.objectives.interctc.self_conditioning=true",
+            ],
         )
     assert cfg.model.encoder.d_model == 256 and cfg.model.encoder.n_layers == 18
     assert list(cfg.model.objectives.interctc.blocks) == [6, 12]

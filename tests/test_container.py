@@ -1,11 +1,12 @@
 """The container and the jobs users submit: the Dockerfile's base image, .dockerignore, and the NGC and Slurm job
 scripts, which must run the README's training command under torchrun (docs/scale.md)."""
+
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -50,7 +51,7 @@ def torchrun_command(path: Path) -> tuple[dict[str, str], list[str]]:
             break
     for words in commands:
         if "torchrun" in words:
-            words = words[words.index("torchrun") + 1:]
+            words = words[words.index("torchrun") + 1 :]
             start = words.index("scripts/train.py")
             opts, i = {}, 0
             while i < start:
@@ -104,8 +105,9 @@ def test_base_image_is_nemo_speech_matching_pyproject():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     nemo = next(Requirement(d) for d in deps if Requirement(d).name == "nemo_toolkit")
     assert NEMO_SPEECH_IMAGES[tag].major == 3
-    assert nemo.specifier.contains(NEMO_SPEECH_IMAGES[tag]), f"{image} holds nemo_toolkit " \
-        f"{NEMO_SPEECH_IMAGES[tag]}, outside pyproject's {nemo.specifier}"
+    assert nemo.specifier.contains(NEMO_SPEECH_IMAGES[tag]), (
+        f"{image} holds nemo_toolkit {NEMO_SPEECH_IMAGES[tag]}, outside pyproject's {nemo.specifier}"
+    )
 
 
 def test_dockerfile_keeps_the_image_packages():
@@ -116,7 +118,10 @@ def test_dockerfile_keeps_the_image_packages():
 
 
 def test_dockerignore_excludes_history_weights_and_data():
-    patterns = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")}
+    patterns = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     for needed in [".git", "artifacts/", "demo_data/", "nemo_experiments/", "*.nemo", ".whl/", "*.safetensors"]:
         assert needed in patterns, f".dockerignore does not exclude {needed}"

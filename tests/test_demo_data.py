@@ -3,6 +3,7 @@
 Generates a tiny corpus (12 train / 4 dev / 4 test / 4 test_unseen_engine) with the Debian TTS
 engines; skipped when espeak-ng / flite / festival / sox are not installed.
 """
+
 import json
 import os
 import re

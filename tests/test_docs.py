@@ -1,6 +1,7 @@
 """The docs agree with the repository: docs/objectives.md shows every objective's YAML block exactly as the
 recipe has it, every percentage the README quotes is in docs/RESULTS.md, and every file, module, make target
 and relative link the pages name exists."""
+
 import pathlib
 import re
 

@@ -1,6 +1,7 @@
 """scripts/evaluate.py with and without N-best LLM rescoring (``--llm``), end to end on the demo corpus with the
 tiny random LLaMA: both WERs are written, the rescored pick is argmax a + λ·l of the N-best (recomputed here from
 the search and the LLM host directly), λ = 0 keeps the acoustic top, and bad settings name the option."""
+
 import importlib.util
 import json
 
@@ -53,18 +54,45 @@ def _expected_picks(model, host, manifest, lm_weight):
 
 def test_evaluate_with_and_without_llm_rescoring(nemo_file, tiny_llm, demo_corpus, tmp_path, llm_process_group):
     main = _script().main
-    plain = main(["--model", nemo_file, "--manifest", demo_corpus["dev"], "--out-dir", str(tmp_path / "plain"),
-                  "--batch-size", "4"])
+    plain = main(
+        [
+            "--model",
+            nemo_file,
+            "--manifest",
+            demo_corpus["dev"],
+            "--out-dir",
+            str(tmp_path / "plain"),
+            "--batch-size",
+            "4",
+        ]
+    )
     runs = {}
     for lam in (0.0, 2.0):
         out = tmp_path / f"llm{lam}"
-        runs[lam] = main(["--model", nemo_file, "--manifest", demo_corpus["dev"], "--out-dir", str(out),
-                          "--batch-size", "4", "--llm", tiny_llm, "--nbest", str(NBEST), "--llm-weight", str(lam)])
+        runs[lam] = main(
+            [
+                "--model",
+                nemo_file,
+                "--manifest",
+                demo_corpus["dev"],
+                "--out-dir",
+                str(out),
+                "--batch-size",
+                "4",
+                "--llm",
+                tiny_llm,
+                "--nbest",
+                str(NBEST),
+                "--llm-weight",
+                str(lam),
+            ]
+        )
         summary = json.loads((out / "summary.json").read_text())["dev_manifest"]
         assert summary == json.loads(json.dumps(runs[lam]["dev_manifest"]))
         # the greedy scores are those of a run without --llm; the rescored ones sit beside them
-        assert {k: summary[k] for k in ("wer", "cer", "utterances")} == \
-            {k: plain["dev_manifest"][k] for k in ("wer", "cer", "utterances")}
+        assert {k: summary[k] for k in ("wer", "cer", "utterances")} == {
+            k: plain["dev_manifest"][k] for k in ("wer", "cer", "utterances")
+        }
         rescored = summary["llm_rescored"]
         assert rescored["nbest"] == NBEST and rescored["llm_weight"] == lam and rescored["utterances"] == 8
         rows = _rows(out / "dev_manifest.predictions.jsonl")
@@ -85,10 +113,13 @@ def test_evaluate_with_and_without_llm_rescoring(nemo_file, tiny_llm, demo_corpu
     assert all(normalize_text(r["text"]) for r in runs[0.0])
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--nbest", "0", "argument --nbest: must be an integer >= 1, got 0"),
-    ("--llm-weight", "nan", "argument --llm-weight: must be a finite number, got nan"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--nbest", "0", "argument --nbest: must be an integer >= 1, got 0"),
+        ("--llm-weight", "nan", "argument --llm-weight: must be a finite number, got nan"),
+    ],
+)
 def test_bad_rescoring_settings_name_the_option(flag, value, message, capsys):
     with pytest.raises(SystemExit):
         _script().main(["--model", "m.nemo", "--manifest", "m.json", "--llm", "x", flag, value])

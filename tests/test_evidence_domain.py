@@ -1,5 +1,6 @@
 """The target-domain builder of issue 22 (benchmarks.evidence.domain): the unseen-word rate, splits disjoint
 from each other and from the base's sentences, unlabelled manifests without text, seen/unseen voice groups."""
+
 import json
 
 import pytest
@@ -14,17 +15,19 @@ from benchmarks.evidence.domain import (
 )
 from demo.corpus import normalize_text, voice_inventory
 
-BASE = {"train_texts": {"the cat sat on the mat", "a dog ran"}, "used_texts": {"the cat sat on the mat", "a dog ran",
-                                                                               "a dog sat"}}
+BASE = {
+    "train_texts": {"the cat sat on the mat", "a dog ran"},
+    "used_texts": {"the cat sat on the mat", "a dog ran", "a dog sat"},
+}
 SENTENCES = [
-    "The cat sat on the mat.",       # the base's: never selected
-    "A dog sat.",                    # used by the base (its dev, say): never selected
-    "The dog ran on the mat.",       # 0 / 6 unseen
-    "A zebra sat on the mat.",       # 1 / 6 unseen
-    "The zebra ate a quokka.",       # 3 / 5 unseen
-    "Zebras eat grass.",             # 3 / 3 unseen
-    "the zebra ate a quokka",        # the same sentence again (normalised): once only
-    "A quokka sat on the cat.",      # 1 / 6 unseen
+    "The cat sat on the mat.",  # the base's: never selected
+    "A dog sat.",  # used by the base (its dev, say): never selected
+    "The dog ran on the mat.",  # 0 / 6 unseen
+    "A zebra sat on the mat.",  # 1 / 6 unseen
+    "The zebra ate a quokka.",  # 3 / 5 unseen
+    "Zebras eat grass.",  # 3 / 3 unseen
+    "the zebra ate a quokka",  # the same sentence again (normalised): once only
+    "A quokka sat on the cat.",  # 1 / 6 unseen
 ]
 
 
@@ -33,8 +36,9 @@ def test_selection_by_hand():
     assert sorted(sel["test"] + sel["dev"]) == ["The zebra ate a quokka.", "Zebras eat grass."]
     sel = select_domain(SENTENCES, BASE, {"test": 2, "dev": 1, "adapt": 1, "unlabelled": 0}, min_unseen=0.1)
     chosen = [s for split in sel.values() for s in split]
-    assert sorted(chosen) == sorted(["A zebra sat on the mat.", "The zebra ate a quokka.", "Zebras eat grass.",
-                                     "A quokka sat on the cat."])
+    assert sorted(chosen) == sorted(
+        ["A zebra sat on the mat.", "The zebra ate a quokka.", "Zebras eat grass.", "A quokka sat on the cat."]
+    )
     assert len(set(chosen)) == len(chosen)
     again = select_domain(SENTENCES, BASE, {"test": 2, "dev": 1, "adapt": 1, "unlabelled": 0}, min_unseen=0.1)
     assert again == sel  # a fixed seed deals the same splits

@@ -1,13 +1,14 @@
 """benchmarks.evidence.stats against hand-computed examples: the paired Student-t interval, the LLM gain
 captured and the recall of unseen words."""
+
 import math
 
 import pytest
 
 from benchmarks.evidence.stats import (
     llm_gain_captured,
-    paired_table,
     paired_summary,
+    paired_table,
     t_quantile,
     unseen_token_rate,
     vocabulary,
@@ -70,8 +71,9 @@ def test_unseen_word_recall_by_hand():
 
 
 def test_paired_table():
-    table = paired_table({"control": {0: 10.0, 1: 12.0, 2: 11.0}, "pl": {0: 9.0, 1: 11.5, 2: 9.5},
-                          "one": {0: 10.5}}, control="control")
+    table = paired_table(
+        {"control": {0: 10.0, 1: 12.0, 2: 11.0}, "pl": {0: 9.0, 1: 11.5, 2: 9.5}, "one": {0: 10.5}}, control="control"
+    )
     rows = table.splitlines()
     assert rows[0].startswith("| arm | seeds | control | arm | difference (points), 95 % CI")
     assert rows[2] == "| one | 1 | 10.00 | 10.50 | +0.50 (one seed: no interval) | +5.0 % |"

@@ -1,6 +1,7 @@
 """scripts/gpu_check.py --dry-run on this CPU: every part of the one-call GPU check runs end to end on tiny shapes
 (real megatron host vs Hugging Face, real recipe training with llm_prefix_clm + clip under bf16-mixed, the
 CUDA-dependent test modules collected), so the GPU call is not the script's first run."""
+
 import json
 import os
 import subprocess
@@ -19,8 +20,17 @@ def test_dry_run_writes_every_part(demo_corpus, tmp_path):
     rows = Path(demo_corpus["train"]).read_text().splitlines()[:12]  # absolute paths: the folder need not travel
     (audio / "manifest.json").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run", "--out", str(out),
-           "--work", str(tmp_path / "work"), "--audio", str(audio)]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "gpu_check.py"),
+        "--dry-run",
+        "--out",
+        str(out),
+        "--work",
+        str(tmp_path / "work"),
+        "--audio",
+        str(audio),
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -50,7 +60,8 @@ def test_cuda_test_modules_are_the_ones_that_branch_on_cuda():
 
 
 def test_audio_manifest_names_the_bad_line(tmp_path):
-    (tmp_path / "manifest.json").write_text(json.dumps({"audio_filepath": "missing.wav", "duration": 1.0,
-                                                        "text": "a"}) + "\n")
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"audio_filepath": "missing.wav", "duration": 1.0, "text": "a"}) + "\n"
+    )
     with pytest.raises(FileNotFoundError, match=r"manifest\.json:1: .*missing\.wav"):
         gpu_check.audio_manifest(tmp_path, tmp_path / "out.json")

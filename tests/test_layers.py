@@ -7,6 +7,7 @@
 
 ``python tests/test_layers.py`` prints the counts.
 """
+
 import ast
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
@@ -62,8 +63,11 @@ def under(module: str, prefix: str) -> bool:
 
 def objective_modules(graph) -> Set[str]:
     """Modules in objectives/ that define objectives: not the package, ``base`` or ``shared``."""
-    return {m for m in graph if m.count(".") == 2 and under(m, "nemo_ctcllm.objectives")
-            and m.rsplit(".", 1)[1] not in ("base", "shared")}
+    return {
+        m
+        for m in graph
+        if m.count(".") == 2 and under(m, "nemo_ctcllm.objectives") and m.rsplit(".", 1)[1] not in ("base", "shared")
+    }
 
 
 def cycles(graph) -> List[List[str]]:
@@ -108,10 +112,15 @@ def objective_to_objective(graph) -> List[Tuple[str, str]]:
 
 
 def upward(graph) -> List[Tuple[str, str]]:
-    bad = [(a, b) for a in graph for b in graph[a]
-           if any(under(a, low) for low in LOWER) and any(under(b, up) for up in UPPER)]
-    bad += [(a, b) for a in graph for b in graph[a]
-            if under(a, "nemo_ctcllm.objectives") and under(b, "nemo_ctcllm.models")]
+    bad = [
+        (a, b)
+        for a in graph
+        for b in graph[a]
+        if any(under(a, low) for low in LOWER) and any(under(b, up) for up in UPPER)
+    ]
+    bad += [
+        (a, b) for a in graph for b in graph[a] if under(a, "nemo_ctcllm.objectives") and under(b, "nemo_ctcllm.models")
+    ]
     return sorted(bad)
 
 

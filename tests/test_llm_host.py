@@ -23,8 +23,7 @@ from conftest import LLM_CORPUS as CORPUS
 from conftest import make_tiny_llama
 from llm_tp_worker import check_host_layout, probe_inputs, run_probe
 
-from nemo_ctcllm.llm import LLMCheckpointError, LLMHost, apply_cpu_patches
-from nemo_ctcllm.llm import convert
+from nemo_ctcllm.llm import LLMCheckpointError, LLMHost, apply_cpu_patches, convert
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -36,8 +35,13 @@ TINY_VARIANTS = {
         num_attention_heads=8,
         num_key_value_heads=4,
         tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
     ),
 }
 
@@ -76,8 +80,9 @@ def hf_reference(path, ids, lengths):
     model = model.eval().to(ids.device)
     valid = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]  # [B, L]
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=valid.long(), labels=ids.masked_fill(~valid, -100),
-                    output_hidden_states=True)
+        out = model(
+            input_ids=ids, attention_mask=valid.long(), labels=ids.masked_fill(~valid, -100), output_hidden_states=True
+        )
     return out.logits, out.loss, out.hidden_states[-1], valid
 
 
@@ -95,7 +100,8 @@ def compare_with_transformers(path, texts, host=None):
     assert (logits - ref_logits)[valid].abs().max().item() <= 1e-4
     assert abs(loss.item() - ref_loss.item()) <= 1e-4
     ref_token_loss = torch.nn.functional.cross_entropy(  # fp64: fp32 CPU CE over 49k classes is off by ~2e-4
-        ref_logits.double().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B, L]
+        ref_logits.double().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+    )  # [B, L]
     assert (token_loss - ref_token_loss).abs().max().item() <= 1e-4
     pooled_valid = valid.clone()
     pooled_valid[:, 0] = False  # pooled_hidden(texts) leaves BOS out
@@ -124,8 +130,9 @@ def test_smollm2_matches_transformers(smollm2_dir):
     assert (host.hidden_size, host.vocab_size, host.tp_size) == (576, 49152, 1)
     assert (host.spec.num_layers, host.spec.num_heads, host.spec.num_query_groups) == (30, 9, 3)
     assert host.spec.rope_theta == 100000.0 and host.spec.tie_word_embeddings
-    compare_with_transformers(smollm2_dir, ["The quick brown fox jumps over the lazy dog.", "Hello world",
-                                            "Speech recognition is fun."])
+    compare_with_transformers(
+        smollm2_dir, ["The quick brown fox jumps over the lazy dog.", "Hello world", "Speech recognition is fun."]
+    )
 
 
 def test_score_is_batch_invariant_and_normalized(tiny_ckpts):
@@ -322,13 +329,24 @@ def test_error_tokenizer_does_not_match_checkpoint(tiny_ckpts, tmp_path):
     validate_llm_folder(tiny_ckpts["gqa_untied"])  # the matching pair passes
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("num_attention_heads", 4, r"num_attention_heads=4 is not divisible by it; allowed sizes for this LLM: \[1, 2\]"),
-    ("num_key_value_heads", 1, r"num_key_value_heads \(query groups\)=1 is not divisible by it; allowed sizes for "
-                               r"this LLM: \[1\]"),
-    ("intermediate_size", 99, r"intermediate_size \(ffn_hidden_size\)=99 is not divisible by it"),
-    ("vocab_size", 129, r"vocab_size=129 is not divisible by it"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        (
+            "num_attention_heads",
+            4,
+            r"num_attention_heads=4 is not divisible by it; allowed sizes for this LLM: \[1, 2\]",
+        ),
+        (
+            "num_key_value_heads",
+            1,
+            r"num_key_value_heads \(query groups\)=1 is not divisible by it; allowed sizes for "
+            r"this LLM: \[1\]",
+        ),
+        ("intermediate_size", 99, r"intermediate_size \(ffn_hidden_size\)=99 is not divisible by it"),
+        ("vocab_size", 129, r"vocab_size=129 is not divisible by it"),
+    ],
+)
 def test_error_not_divisible_by_tp(tiny_ckpts, tmp_path, key, value, message):
     """Refused from config.json alone, before any process group is made or waited on (world size here is 1, so
     building a TP=3 / TP=2 group would fail differently)."""
@@ -359,8 +377,11 @@ def test_error_wrong_or_unexpected_tensor(tiny_ckpts, tmp_path):
 
     down = "model.layers.1.mlp.down_proj.weight"
     folder = broken("short", lambda sd: sd.__setitem__(down, sd[down][:, :-2].contiguous()))
-    with pytest.raises(LLMCheckpointError, match=rf"HF tensor '{down}' in .*short.* has shape \(64, 94\), "
-                                                 r"expected \(64, 96\)"):
+    with pytest.raises(
+        LLMCheckpointError,
+        match=rf"HF tensor '{down}' in .*short.* has shape \(64, 94\), "
+        r"expected \(64, 96\)",
+    ):
         LLMHost(folder, tp_size=1)
     folder = broken("extra", lambda sd: sd.__setitem__("model.layers.2.mlp.up_proj.weight", sd[down].clone()))
     with pytest.raises(LLMCheckpointError, match=r"unexpected tensors in HF checkpoint .*extra.*layers\.2"):
@@ -384,14 +405,33 @@ def test_error_world_size_not_divisible(tiny_ckpts):
 
 
 def _torchrun(nproc: int, checkpoints, out: Path, timeout: int, *flags: str):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(port),
-           str(TESTS_DIR / "llm_tp_worker.py"), "--out", str(out), *flags, *map(str, checkpoints)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(TESTS_DIR / "llm_tp_worker.py"),
+        "--out",
+        str(out),
+        *flags,
+        *map(str, checkpoints),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return torch.load(out, weights_only=True)
@@ -407,8 +447,7 @@ def _assert_same_as_tp1(results, checkpoints, tp, atol, suffixes=("",)):
             got = results[str(ckpt) + suffix]
             assert got["tp_size"] == tp and got["llm_grads"] == 0
             for key in ("token_loss", "loss", "grad", "pooled", "score"):
-                torch.testing.assert_close(got[key], ref[key], atol=atol, rtol=1e-4,
-                                           msg=f"{ckpt.name}{suffix}: {key}")
+                torch.testing.assert_close(got[key], ref[key], atol=atol, rtol=1e-4, msg=f"{ckpt.name}{suffix}: {key}")
 
 
 def _skip_without_gpus(n: int):

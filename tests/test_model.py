@@ -1,4 +1,5 @@
 """EncDecCTCLLMModelBPE against NeMo's EncDecCTCModelBPE, intermediate heads, .nemo round trips, export."""
+
 import os
 import types
 
@@ -89,7 +90,9 @@ def test_interctc_terms_and_gradients(tokenizer_dir, mode):
     for k in block["blocks"]:
         assert f"train/interctc_l{k}_wer" in logs
     # total = 1.0 * final + sum_k w_k * head_k, composed from the logged (unweighted) terms
-    total = logs["train/ctc_final"] + sum(w * logs[f"train/interctc_l{k}"] for k, w in zip(block["blocks"], block["weights"]))
+    total = logs["train/ctc_final"] + sum(
+        w * logs[f"train/interctc_l{k}"] for k, w in zip(block["blocks"], block["weights"])
+    )
     torch.testing.assert_close(loss.detach(), total, rtol=1e-5, atol=1e-5)
     loss.backward()
     for name, term in model.objectives.items():
@@ -204,8 +207,12 @@ def test_init_encoder_from_plain_nemo(tokenizer_dir, tmp_path):
     plain = EncDecCTCModelBPE(cfg)
     plain.save_to(str(tmp_path / "plain.nemo"))
     model = make(tokenizer_dir, interctc=MODES["separate"])
-    assert not torch.equal(model.encoder.layers[0].feed_forward1.linear1.weight, plain.encoder.layers[0].feed_forward1.linear1.weight)
-    model.maybe_init_from_pretrained_checkpoint(OmegaConf.create({"init_from_nemo_model": str(tmp_path / "plain.nemo")}))
+    assert not torch.equal(
+        model.encoder.layers[0].feed_forward1.linear1.weight, plain.encoder.layers[0].feed_forward1.linear1.weight
+    )
+    model.maybe_init_from_pretrained_checkpoint(
+        OmegaConf.create({"init_from_nemo_model": str(tmp_path / "plain.nemo")})
+    )
     for name, p in plain.encoder.state_dict().items():
         torch.testing.assert_close(model.encoder.state_dict()[name], p, msg=name)
 

@@ -1,4 +1,5 @@
 """The model's frozen LLM: built on first use, outside the module tree, never in the optimizer or the .nemo."""
+
 import json
 import shutil
 import tarfile
@@ -119,8 +120,11 @@ def test_tp_that_does_not_split_the_llm_is_refused_at_construction(tokenizer_dir
     cfg = tiny_model_cfg(tokenizer_dir)
     cfg.llm = {"checkpoint": str(folder), "tensor_model_parallel_size": 2}
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
-    with pytest.raises(ConfigError, match=r"model.llm.tensor_model_parallel_size=2: the LLM's intermediate_size "
-                                          r"\(ffn_hidden_size\)=99 is not divisible by it"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.llm.tensor_model_parallel_size=2: the LLM's intermediate_size "
+        r"\(ffn_hidden_size\)=99 is not divisible by it",
+    ):
         EncDecCTCLLMModelBPE(cfg, trainer=trainer)
 
 

@@ -5,6 +5,7 @@ sequences and their log p(y | x) (logsumexp over every alignment that collapses 
 enumerating all C^T alignments. Also: the differentiable scores (-CTC) agree with the search, a pruned beam
 gives lower bounds, padding frames and batch neighbours change nothing, and the path collapse.
 """
+
 import itertools
 
 import pytest
@@ -50,11 +51,15 @@ def test_exact_beam_matches_brute_force(C, T, blank):
     assert nb.ids.shape[:2] == (B, N) and nb.scores.shape == (B, N)
     for b in range(B):
         ref = brute_force(lp[b], int(lengths[b]), blank)[:N]
-        got = [(nb.scores[b, n].item(), tuple(nb.ids[b, n, : nb.lengths[b, n]].tolist()))
-               for n in range(N) if nb.valid[b, n]]
+        got = [
+            (nb.scores[b, n].item(), tuple(nb.ids[b, n, : nb.lengths[b, n]].tolist()))
+            for n in range(N)
+            if nb.valid[b, n]
+        ]
         assert [y for _, y in got] == [y for _, y in ref]
-        torch.testing.assert_close(torch.tensor([s for s, _ in got]), torch.tensor([s for s, _ in ref]),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor([s for s, _ in got]), torch.tensor([s for s, _ in ref]), atol=1e-5, rtol=1e-5
+        )
     if T == 1:  # only C-1 labels and the empty sequence exist
         assert nb.valid.all()
 
@@ -84,7 +89,7 @@ def test_batched_equals_one_utterance_at_a_time_and_ignores_padding():
         junk[b, n:] = torch.randn(T - n, C).log_softmax(-1)  # padding frames must not matter
     nb = ctc_prefix_beam_search(junk, lengths, beam_size=8, nbest=4)
     for b, n in enumerate(lengths.tolist()):
-        one = ctc_prefix_beam_search(lp[b: b + 1, :n], lengths[b: b + 1], beam_size=8, nbest=4)
+        one = ctc_prefix_beam_search(lp[b : b + 1, :n], lengths[b : b + 1], beam_size=8, nbest=4)
         torch.testing.assert_close(nb.scores[b], one.scores[0])
         torch.testing.assert_close(nb.lengths[b], one.lengths[0])
         L = int(one.lengths.max())

@@ -4,6 +4,7 @@ Gradient path, overfitting one batch, padding invariance of the pooled audio, du
 text cache, TP=2 (text side) and DP=2 (gathered negatives) vs one process (torchrun, gloo), export,
 config errors.
 """
+
 import dataclasses
 import shutil
 
@@ -99,13 +100,14 @@ def test_pooled_audio_is_padding_invariant(tokenizer_dir, tiny_llm, pool, llm_pr
             x[i, :, n:] = 1e3  # padding frames must not count
         batched = term.pooled_audio(x, lengths)  # [B, D]
         for i, n in enumerate(lengths.tolist()):
-            alone = term.pooled_audio(ctx.encoded[i: i + 1, :, :n], lengths[i: i + 1])
+            alone = term.pooled_audio(ctx.encoded[i : i + 1, :, :n], lengths[i : i + 1])
             torch.testing.assert_close(alone[0], batched[i], atol=1e-6, rtol=1e-5)
         signal, signal_len, targets, target_len = batch  # end to end: utterance 2 through the encoder alone
         n, u = int(signal_len[2]), int(target_len[2])
         ctx2 = model.step_context((signal[2:3, :n], signal_len[2:3], targets[2:3, :u], target_len[2:3]), False)
-        torch.testing.assert_close(term.pooled_audio(ctx2.encoded, ctx2.encoded_len)[0], batched[2],
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            term.pooled_audio(ctx2.encoded, ctx2.encoded_len)[0], batched[2], atol=1e-4, rtol=1e-4
+        )
 
 
 def test_duplicate_transcripts_are_not_negatives(tokenizer_dir, tiny_llm, llm_process_group):
@@ -156,10 +158,11 @@ def test_tp2_and_dp2_match_one_process(tokenizer_dir, tiny_llm, tmp_path, llm_pr
     loss.backward()
     b = inputs[0][0].shape[0]
     for phase in ("A", "B"):
-        torch.testing.assert_close((results[0][phase]["loss"] + results[1][phase]["loss"]) / 2, loss.detach(),
-                                   atol=1e-5, rtol=1e-5, msg=phase)
+        torch.testing.assert_close(
+            (results[0][phase]["loss"] + results[1][phase]["loss"]) / 2, loss.detach(), atol=1e-5, rtol=1e-5, msg=phase
+        )
         for r, res in enumerate(results):
-            torch.testing.assert_close(res[phase]["grad"], 2 * x.grad[r * b: (r + 1) * b], atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(res[phase]["grad"], 2 * x.grad[r * b : (r + 1) * b], atol=1e-6, rtol=1e-4)
         for name, p in ref.named_parameters():
             mean = (results[0][phase]["params"][name] + results[1][phase]["params"][name]) / 2
             torch.testing.assert_close(mean, p.grad, atol=1e-6, rtol=1e-4, msg=f"{phase}: {name}")
@@ -200,4 +203,3 @@ def test_config_errors_name_the_key(tokenizer_dir, block, message):
     with pytest.raises(ConfigError) as err:
         EncDecCTCLLMModelBPE(cfg)
     assert message in str(err.value)
-

@@ -1,5 +1,6 @@
 """joint_lm (a jointly trained attention-decoder LM head): teacher forcing layout, gradients, overfitting one
 batch, padding invariance, export and config errors."""
+
 import pytest
 import torch
 from conftest import encoder_gradient, overfit
@@ -71,8 +72,16 @@ def test_utterance_loss_is_padding_invariant(tokenizer_dir):
         tlens = torch.tensor([u + 4, u, 1])
 
         def head_losses(encoded, encoded_len, targets, target_len):
-            ctx = StepContext(env=model.objective_env(), signal=sig, signal_len=sl, encoded=encoded,
-                              encoded_len=encoded_len, log_probs=None, targets=targets, target_len=target_len)
+            ctx = StepContext(
+                env=model.objective_env(),
+                signal=sig,
+                signal_len=sl,
+                encoded=encoded,
+                encoded_len=encoded_len,
+                log_probs=None,
+                targets=targets,
+                target_len=target_len,
+            )
             return term.utterance_losses(ctx)
 
         ref = head_losses(enc, alone.encoded_len, tg[2:3, :u], tl[2:3])[0]

@@ -4,6 +4,7 @@ Gradient path (encoder and projections, never the LLM), overfitting one batch, p
 hypothesis, TP=2 vs TP=1 (torchrun, gloo; the per-rank losses differ, so the gradient at the LLM output is
 averaged over the TP group), export, config errors.
 """
+
 import dataclasses
 import json
 import shutil
@@ -18,8 +19,8 @@ from softtext_tp_worker import LANG_BATCH, lang_loss, make_lang, softtext_inputs
 from nemo_ctcllm.export import strip_for_inference
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE
 from nemo_ctcllm.objectives import ConfigError
-from nemo_ctcllm.objectives.shared.bridge import PieceMap, asr_pieces, bridge
 from nemo_ctcllm.objectives.lang_contrastive import pooled_soft_hidden
+from nemo_ctcllm.objectives.shared.bridge import PieceMap, asr_pieces, bridge
 
 KEY = "model.objectives.lang_contrastive"
 WORKER = Path(__file__).resolve().parent / "softtext_tp_worker.py"
@@ -44,8 +45,13 @@ def test_gradient_reaches_encoder_and_projections_not_llm(tokenizer_dir, tiny_bp
     loss, stats = term(ctx)
     assert float(stats["hyp_tokens"]) >= 2 and 0.0 <= float(stats["acc"]) <= 1.0 and float(loss) > 0
     loss.backward()
-    assert {n for n, _ in term.named_parameters()} == {"logit_scale", "audio_proj.weight", "audio_proj.bias",
-                                                      "text_proj.weight", "text_proj.bias"}
+    assert {n for n, _ in term.named_parameters()} == {
+        "logit_scale",
+        "audio_proj.weight",
+        "audio_proj.bias",
+        "text_proj.weight",
+        "text_proj.bias",
+    }
     for name, p in term.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert encoder_gradient(model) > 0
@@ -62,8 +68,12 @@ def test_overfits_one_batch(tokenizer_dir, tiny_bpe_llm, llm_process_group):
     with torch.no_grad():
         ctx = model.step_context(asr_batch(model, LLM_CORPUS), compute_wer=False)
     logits = torch.nn.Parameter(ctx.log_probs.clone())  # [B, T, V+1]
-    losses, stats = overfit(lambda: term(dataclasses.replace(ctx, log_probs=logits.log_softmax(-1))),
-                            [logits, *term.parameters()], steps=20, lr=3e-2)
+    losses, stats = overfit(
+        lambda: term(dataclasses.replace(ctx, log_probs=logits.log_softmax(-1))),
+        [logits, *term.parameters()],
+        steps=20,
+        lr=3e-2,
+    )
     assert losses[-1] < 0.5 * losses[0], losses
     assert float(stats["acc"]) == 1.0
 
@@ -79,7 +89,7 @@ def test_pooled_hypothesis_is_padding_invariant(tokenizer_dir, tiny_bpe_llm, llm
     with torch.no_grad():
         batched = pooled_soft_hidden(host, bridge(noisy, lengths, pmap))  # [B, H]
         for b, n in enumerate(lengths.tolist()):
-            alone = pooled_soft_hidden(host, bridge(log_probs[b: b + 1, :n], lengths[b: b + 1], pmap))
+            alone = pooled_soft_hidden(host, bridge(log_probs[b : b + 1, :n], lengths[b : b + 1], pmap))
             torch.testing.assert_close(alone[0], batched[b], atol=1e-5, rtol=1e-5)
 
 

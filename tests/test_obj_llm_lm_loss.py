@@ -4,6 +4,7 @@ Gradient path (encoder, never the LLM) for both targets and an intermediate head
 padding invariance, TP=2 vs TP=1 (torchrun, gloo), export, config errors, and SmolLM2: the reference is
 cheaper after the right hypothesis than after another sentence, a real hypothesis more fluent than scrambled.
 """
+
 import dataclasses
 import json
 import random
@@ -19,8 +20,8 @@ from softtext_tp_worker import VARIANTS, softtext_inputs
 from nemo_ctcllm.export import strip_for_inference
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE
 from nemo_ctcllm.objectives import ConfigError, compose_loss
-from nemo_ctcllm.objectives.shared.bridge import PieceMap, asr_pieces, bridge
 from nemo_ctcllm.objectives.llm_lm_loss import llm_lm_loss
+from nemo_ctcllm.objectives.shared.bridge import PieceMap, asr_pieces, bridge
 
 KEY = "model.objectives.llm_lm_loss"
 WORKER = Path(__file__).resolve().parent / "softtext_tp_worker.py"
@@ -44,9 +45,10 @@ def nonblank_batch(model, texts=LLM_CORPUS[:3]):
     return asr_batch(model, texts)
 
 
-@pytest.mark.parametrize("target,estimator,head", [("reference", "expected", None),
-                                                    ("hypothesis", "gumbel", None),
-                                                    ("reference", "straight_through", 2)])
+@pytest.mark.parametrize(
+    "target,estimator,head",
+    [("reference", "expected", None), ("hypothesis", "gumbel", None), ("reference", "straight_through", 2)],
+)
 def test_gradient_reaches_encoder_not_llm(tokenizer_dir, tiny_bpe_llm, target, estimator, head, llm_process_group):
     model = make(tokenizer_dir, tiny_bpe_llm, interctc=head, target=target, estimator=estimator, head_block=head)
     model.train()
@@ -95,8 +97,9 @@ def test_overfits_one_batch(tokenizer_dir, tiny_bpe_llm, llm_process_group):
     with torch.no_grad():
         ctx = model.step_context(nonblank_batch(model), compute_wer=False)
     logits = torch.nn.Parameter(ctx.log_probs.clone())  # [B, T, V+1]
-    losses, _ = overfit(lambda: term(dataclasses.replace(ctx, log_probs=logits.log_softmax(-1))), [logits],
-                        steps=20, lr=0.5)
+    losses, _ = overfit(
+        lambda: term(dataclasses.replace(ctx, log_probs=logits.log_softmax(-1))), [logits], steps=20, lr=0.5
+    )
     # a random tiny LLM is near uniform (ln 320 = 5.77): it barely conditions on its input, so only a few %
     assert losses[-1] < 0.98 * losses[0], losses
 
@@ -113,12 +116,16 @@ def test_padding_invariance(tokenizer_dir, tiny_bpe_llm, llm_process_group):
         noisy[b, n:] = torch.randn(12 - n, noisy.shape[2]).log_softmax(-1)
     with torch.no_grad():
         for target in ("reference", "hypothesis"):
+
             def loss(lp, lens, txt):
                 return llm_lm_loss(host, bridge(lp, lens, pmap), txt, target, pmap.first_token, "hello")
+
             batched = loss(noisy, lengths, texts)
             torch.testing.assert_close(batched, loss(log_probs, lengths, texts))
-            alone = [loss(log_probs[b: b + 1, :n], lengths[b: b + 1], texts[b: b + 1]) for b, n in
-                     enumerate(lengths.tolist())]
+            alone = [
+                loss(log_probs[b : b + 1, :n], lengths[b : b + 1], texts[b : b + 1])
+                for b, n in enumerate(lengths.tolist())
+            ]
             soft = bridge(log_probs, lengths, pmap)
             if target == "reference":
                 ids = host.tokenizer([" " + t for t in texts], add_special_tokens=False)["input_ids"]
@@ -152,8 +159,9 @@ def test_tp2_matches_tp1(tokenizer_dir, tiny_bpe_llm, tmp_path, llm_process_grou
             offset = rows.stop
             torch.testing.assert_close(res[name]["loss"], loss.detach(), atol=1e-5, rtol=1e-5, msg=f"{name} {r}")
             # every TP rank computes the loss of the gathered batch: its own rows get N x the TP=1 gradient
-            torch.testing.assert_close(res[name]["grad"], 2 * lp.grad[rows], atol=1e-6, rtol=1e-4,
-                                       msg=f"{name} rank {r} grad")
+            torch.testing.assert_close(
+                res[name]["grad"], 2 * lp.grad[rows], atol=1e-6, rtol=1e-4, msg=f"{name} rank {r} grad"
+            )
             assert res[name]["grad"].abs().sum() > 0
     assert all(res["llm_grads"] == 0 for res in results)
 
@@ -228,8 +236,9 @@ def bpe128(tmp_path_factory):
 
     repo = Path(__file__).resolve().parents[1]
     lines = (repo / "demo" / "sentences.txt").read_text().splitlines()
-    folder = build_bpe_tokenizer_from_texts([s for s in lines if s and not s.startswith("#")][:5000],
-                                            str(tmp_path_factory.mktemp("tok128")), vocab_size=128)
+    folder = build_bpe_tokenizer_from_texts(
+        [s for s in lines if s and not s.startswith("#")][:5000], str(tmp_path_factory.mktemp("tok128")), vocab_size=128
+    )
     return SentencePieceTokenizer(model_path=str(Path(folder) / "tokenizer.model"))
 
 
@@ -246,12 +255,17 @@ def test_smollm2_scores_the_right_hypothesis(bpe128, smollm2_dir, llm_process_gr
     tok = bpe128
     host = LLMHost(smollm2_dir, tp_size=1, params_dtype=torch.float32)
     pmap = PieceMap.build(*asr_pieces(tok), host.tokenizer, host.embed)
-    refs = ["the quick brown fox jumps over the lazy dog", "she went to the market to buy some bread",
-            "he opened the door and walked into the room", "we are going to learn how to speak french"]
+    refs = [
+        "the quick brown fox jumps over the lazy dog",
+        "she went to the market to buy some bread",
+        "he opened the door and walked into the room",
+        "we are going to learn how to speak french",
+    ]
     other = refs[1:] + refs[:1]
     rng = random.Random(0)
     scrambled = [" ".join(rng.sample(r.split(), len(r.split()))) for r in refs]
     with torch.no_grad():
+
         def loss(hyps, target, texts, instruction=""):
             lp, n = one_hot_log_probs(tok, hyps)
             return llm_lm_loss(host, bridge(lp, n, pmap), texts, target, pmap.first_token, instruction)

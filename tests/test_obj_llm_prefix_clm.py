@@ -3,6 +3,7 @@
 Gradient path (encoder + connectors, never the LLM), overfitting one batch, padding invariance, TP=2 vs
 TP=1 (torchrun, gloo), export, config errors, and SmolLM2 preferring the true transcript.
 """
+
 import dataclasses
 import random
 import shutil
@@ -132,8 +133,12 @@ def _alone(ctx, i, block):
     """The context of utterance i alone: its valid frames and target tokens only."""
     out, length = ctx.layers[block]
     n, u = int(length[i]), int(ctx.target_len[i])
-    return dataclasses.replace(ctx, layers={block: (out[i: i + 1, :, :n], length[i: i + 1])},
-                               targets=ctx.targets[i: i + 1, :u], target_len=ctx.target_len[i: i + 1])
+    return dataclasses.replace(
+        ctx,
+        layers={block: (out[i : i + 1, :, :n], length[i : i + 1])},
+        targets=ctx.targets[i : i + 1, :u],
+        target_len=ctx.target_len[i : i + 1],
+    )
 
 
 def test_padding_invariance(tokenizer_dir, tiny_llm, llm_process_group):
@@ -150,15 +155,16 @@ def test_padding_invariance(tokenizer_dir, tiny_llm, llm_process_group):
             garbage[i, :, n:] = 1e3  # padding frames must never reach the prompt
         batched = term.utterance_losses(dataclasses.replace(ctx, layers={2: (garbage, length)}), 2)  # [B]
         for i in range(len(texts)):
-            torch.testing.assert_close(term.utterance_losses(_alone(ctx, i, 2), 2)[0], batched[i],
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(term.utterance_losses(_alone(ctx, i, 2), 2)[0], batched[i], atol=1e-5, rtol=1e-5)
         # and end to end: the utterance through the encoder on its own
         signal, signal_len, targets, target_len = batch
         n, u = int(signal_len[2]), int(target_len[2])
         ctx2 = model.step_context((signal[2:3, :n], signal_len[2:3], targets[2:3, :u], target_len[2:3]), False)
         torch.testing.assert_close(term.utterance_losses(ctx2, 2)[0], batched[2], atol=1e-4, rtol=1e-4)
         # the batch loss is the token-level mean of the utterance losses
-        _, labels, _ = build_sequences(model.llm, torch.zeros(4, 1, 64), torch.ones(4, dtype=torch.long), texts, "hello")
+        _, labels, _ = build_sequences(
+            model.llm, torch.zeros(4, 1, 64), torch.ones(4, dtype=torch.long), texts, "hello"
+        )
         counts = (labels != -100).sum(1).float()
         loss, _ = term(dataclasses.replace(ctx, layers={2: (garbage, length)}))
         torch.testing.assert_close(loss, (batched * counts).sum() / counts.sum())
@@ -185,8 +191,9 @@ def test_tp2_matches_tp1_on_the_concatenated_batch(tokenizer_dir, tiny_llm, tmp_
         torch.testing.assert_close(res["loss"], loss.detach(), atol=1e-5, rtol=1e-5, msg=f"rank {r} loss")
         torch.testing.assert_close(res["utt"], utt.detach()[rows], atol=1e-5, rtol=1e-5, msg=f"rank {r} utt")
         # every TP rank sees the same loss on the gathered batch: its own prompt gets N x the TP=1 gradient
-        torch.testing.assert_close(res["grad"], 2 * prompt.grad[rows, : p.shape[1]], atol=1e-6, rtol=1e-4,
-                                   msg=f"rank {r} grad")
+        torch.testing.assert_close(
+            res["grad"], 2 * prompt.grad[rows, : p.shape[1]], atol=1e-6, rtol=1e-4, msg=f"rank {r} grad"
+        )
         assert res["grad"].abs().sum() > 0
 
 
@@ -248,9 +255,14 @@ def test_smollm2_prefers_the_true_transcript(smollm2_dir, llm_process_group):
     from nemo_ctcllm.llm import LLMHost
 
     host = LLMHost(smollm2_dir, tp_size=1, params_dtype=torch.float32)
-    true = ["the quick brown fox jumps over the lazy dog", "i would like a cup of coffee please",
-            "she went to the market to buy some bread", "the weather is nice today so we went for a walk",
-            "he opened the door and walked into the room", "we are going to learn how to speak french"]
+    true = [
+        "the quick brown fox jumps over the lazy dog",
+        "i would like a cup of coffee please",
+        "she went to the market to buy some bread",
+        "the weather is nice today so we went for a walk",
+        "he opened the door and walked into the room",
+        "we are going to learn how to speak french",
+    ]
     rng = random.Random(0)
     scrambled = []
     for t in true:

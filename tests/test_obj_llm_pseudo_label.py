@@ -7,6 +7,7 @@ the key. Hygiene: the N-best comes from an un-augmented no-grad pass (SpecAugmen
 not move it), the confidence is calibrated per token so that a threshold filters a known share of real
 outputs of a (briefly trained) tiny model, and the acoustic ranker (greedy self-training) needs no LLM.
 """
+
 import json
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from obj_tp_worker import asr_batch
 
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE
 from nemo_ctcllm.objectives import compose_loss
-from nemo_ctcllm.objectives.shared.hypotheses import hypotheses
 from nemo_ctcllm.objectives.llm_pseudo_label import pseudo_label_confidence
+from nemo_ctcllm.objectives.shared.hypotheses import hypotheses
 
 
 def test_gradient_reaches_encoder_not_llm(tokenizer_dir, tiny_llm, llm_process_group):
@@ -42,8 +43,9 @@ def test_pseudo_label_losses(tokenizer_dir, tiny_llm, llm_process_group):
     best = (hyps.acoustic.detach() + hyps.llm).argmax(1)  # [B]
     rows = torch.arange(len(best))
     ids, lens = hyps.ids[rows, best], hyps.lengths[rows, best]  # [B, L], [B]
-    ctc = F.ctc_loss(ctx.log_probs.transpose(0, 1), ids, ctx.encoded_len, lens, blank=ctx.log_probs.shape[2] - 1,
-                     reduction="none")  # [B]
+    ctc = F.ctc_loss(
+        ctx.log_probs.transpose(0, 1), ids, ctx.encoded_len, lens, blank=ctx.log_probs.shape[2] - 1, reduction="none"
+    )  # [B]
     loss, stats = term(ctx)
     torch.testing.assert_close(loss, ctc.mean())
     assert float(stats["kept"]) == 1.0
@@ -60,9 +62,12 @@ def test_pseudo_label_losses(tokenizer_dir, tiny_llm, llm_process_group):
 
 
 def test_rows_without_a_transcript_reach_only_llm_pseudo_label(tokenizer_dir, tiny_llm, llm_process_group):
-    semi = {"llm_pseudo_label": {"nbest": 3, "labelled": False, "unlabelled": True},
-            "interctc": {"blocks": [2], "weights": [0.3]}, "llm_rescoring": {"nbest": 3},
-            "llm_reward": {"num_samples": 2}}
+    semi = {
+        "llm_pseudo_label": {"nbest": 3, "labelled": False, "unlabelled": True},
+        "interctc": {"blocks": [2], "weights": [0.3]},
+        "llm_rescoring": {"nbest": 3},
+        "llm_reward": {"num_samples": 2},
+    }
     model = make(tokenizer_dir, tiny_llm, **semi)
     assert model.semi_supervised
     signal, signal_len, targets, target_len = asr_batch(model, LLM_CORPUS)
@@ -78,8 +83,12 @@ def test_rows_without_a_transcript_reach_only_llm_pseudo_label(tokenizer_dir, ti
     assert seen["llm_pseudo_label"][0].tolist() == target_len.tolist()
     assert float(logs["train/labelled_rows"]) == 2 and float(logs["train/llm_pseudo_label_kept"]) == 0.5
     lab = [0, 2]
-    expected = model.loss(log_probs=ctx.log_probs[lab], targets=targets[lab], input_lengths=ctx.encoded_len[lab],
-                          target_lengths=target_len[lab])
+    expected = model.loss(
+        log_probs=ctx.log_probs[lab],
+        targets=targets[lab],
+        input_lengths=ctx.encoded_len[lab],
+        target_lengths=target_len[lab],
+    )
     torch.testing.assert_close(logs["train/ctc_final"], expected.detach())
     total.backward()
     # a batch of unlabelled rows only: the reference-needing terms are skipped, the total still trains
@@ -97,8 +106,9 @@ def test_rows_without_a_transcript_reach_only_llm_pseudo_label(tokenizer_dir, ti
     ctx = plain.step_context((signal, signal_len, targets, target_len), compute_wer=False)
     assert ctx.labelled is None
     _, logs = compose_loss(plain.objectives, ctx, step=0, prefix="train")
-    full = plain.loss(log_probs=ctx.log_probs, targets=targets, input_lengths=ctx.encoded_len,
-                      target_lengths=target_len)
+    full = plain.loss(
+        log_probs=ctx.log_probs, targets=targets, input_lengths=ctx.encoded_len, target_lengths=target_len
+    )
     torch.testing.assert_close(logs["train/ctc_final"], full.detach())
 
 
@@ -113,15 +123,28 @@ def test_mixed_manifest_trains_with_lightning(tokenizer_dir, tiny_llm, demo_corp
             del entry["text"]
     manifest = tmp_path / "mixed.json"
     manifest.write_text("".join(json.dumps(e) + "\n" for e in lines))
-    model = make(tokenizer_dir, tiny_llm, train_manifest=str(manifest),
-                 llm_pseudo_label={"nbest": 3, "labelled": True, "unlabelled": True})
+    model = make(
+        tokenizer_dir,
+        tiny_llm,
+        train_manifest=str(manifest),
+        llm_pseudo_label={"nbest": 3, "labelled": True, "unlabelled": True},
+    )
     model.cfg.train_ds.shuffle = False
     seen = {}
     for name, term in model.objectives.items():
         term.register_forward_pre_hook(lambda m, args, name=name: record(seen, name, args[0]))
     before = model.encoder.layers[0].feed_forward1.linear1.weight.detach().clone()
-    trainer = Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1)
+    trainer = Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
     model.set_trainer(trainer)
     trainer.fit(model)
     assert trainer.global_step == 3
@@ -156,8 +179,13 @@ def test_config_error_without_llm(tokenizer_dir):
 
 
 # ---------------------------------------------------------------------------------------------- hygiene
-AUGMENTED = {"_target_": "nemo.collections.asr.modules.SpectrogramAugmentation", "freq_masks": 2, "time_masks": 4,
-             "freq_width": 10, "time_width": 0.1}
+AUGMENTED = {
+    "_target_": "nemo.collections.asr.modules.SpectrogramAugmentation",
+    "freq_masks": 2,
+    "time_masks": 4,
+    "freq_width": 10,
+    "time_width": 0.1,
+}
 
 
 def augmented_model(tokenizer_dir, checkpoint, **block):
@@ -233,8 +261,9 @@ def test_acoustic_ranker_is_greedy_self_training_without_llm(tokenizer_dir):
     top = hyps.teacher.argmax(1)  # [B]: exact log p_CTC of the clean pass (the search's pruned sums may differ)
     rows = torch.arange(4)
     ids, lens = hyps.ids[rows, top], hyps.lengths[rows, top]  # [B, L], [B]: the top acoustic hypothesis
-    ctc = F.ctc_loss(ctx.log_probs.transpose(0, 1), ids, ctx.encoded_len, lens, blank=ctx.log_probs.shape[2] - 1,
-                     reduction="none")  # [B]
+    ctc = F.ctc_loss(
+        ctx.log_probs.transpose(0, 1), ids, ctx.encoded_len, lens, blank=ctx.log_probs.shape[2] - 1, reduction="none"
+    )  # [B]
     torch.testing.assert_close(logs["train/llm_pseudo_label"], ctc.mean().detach())
     assert "train/ctc_final" not in logs and "train/llm_pseudo_label_top_changed" not in logs
     total.backward()

@@ -4,6 +4,7 @@ The loss and its gradient equal the expected-word-error formula on the N-best; t
 and never the LLM; ``every_n_steps``; the LLM scores under TP=2 equal TP=1 (torchrun, gloo); export drops every
 hypothesis-side term; config errors name the key.
 """
+
 import dataclasses
 import shutil
 import types
@@ -26,8 +27,8 @@ from obj_tp_worker import launch
 from nemo_ctcllm.export import strip_for_inference
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE
 from nemo_ctcllm.objectives import compose_loss
-from nemo_ctcllm.objectives.shared.tensors import transcripts
 from nemo_ctcllm.objectives.shared.hypotheses import hypotheses, llm_log_likelihood, word_errors
+from nemo_ctcllm.objectives.shared.tensors import transcripts
 
 
 def test_gradient_reaches_encoder_not_llm(tokenizer_dir, tiny_llm, llm_process_group):
@@ -78,8 +79,13 @@ def test_tp2_scores_match_tp1(tokenizer_dir, tiny_llm, tmp_path, llm_process_gro
     for rank, res in enumerate(results):
         assert res["texts"] == hyp_texts(rank)
         for key, normalize in (("summed", False), ("normalized", True)):
-            torch.testing.assert_close(res[key], llm_log_likelihood(host, res["texts"], normalize), atol=1e-5,
-                                       rtol=1e-5, msg=f"rank {rank} {key}")
+            torch.testing.assert_close(
+                res[key],
+                llm_log_likelihood(host, res["texts"], normalize),
+                atol=1e-5,
+                rtol=1e-5,
+                msg=f"rank {rank} {key}",
+            )
 
 
 def test_export_drops_the_terms_and_restore_needs_no_llm(tokenizer_dir, tiny_llm, tmp_path, llm_process_group):
@@ -87,8 +93,12 @@ def test_export_drops_the_terms_and_restore_needs_no_llm(tokenizer_dir, tiny_llm
 
     moved = str(tmp_path / "llm_copy")
     shutil.copytree(tiny_llm, moved)
-    model = make(tokenizer_dir, moved, **{k: v for c in CONFIGS.values() for k, v in c.items() if k != "llm_reward"},
-                 llm_reward={})
+    model = make(
+        tokenizer_dir,
+        moved,
+        **{k: v for c in CONFIGS.values() for k, v in c.items() if k != "llm_reward"},
+        llm_reward={},
+    )
     path = str(tmp_path / "train.nemo")
     model.save_to(path)
     shutil.rmtree(moved)
@@ -162,8 +172,14 @@ def test_batch_padding_changes_nothing(tokenizer_dir, tiny_llm, name, llm_proces
         alone = []
         for b, n in enumerate(ctx.encoded_len.tolist()):
             row = dataclasses.replace(
-                ctx, log_probs=ctx.log_probs[b: b + 1, :n], encoded_len=ctx.encoded_len[b: b + 1],
-                signal=ctx.signal[b: b + 1], signal_len=ctx.signal_len[b: b + 1],  # pseudo_label's clean pass
-                targets=ctx.targets[b: b + 1], target_len=ctx.target_len[b: b + 1], cache={})
+                ctx,
+                log_probs=ctx.log_probs[b : b + 1, :n],
+                encoded_len=ctx.encoded_len[b : b + 1],
+                signal=ctx.signal[b : b + 1],
+                signal_len=ctx.signal_len[b : b + 1],  # pseudo_label's clean pass
+                targets=ctx.targets[b : b + 1],
+                target_len=ctx.target_len[b : b + 1],
+                cache={},
+            )
             alone.append(term(row)[0])
     torch.testing.assert_close(batched, torch.stack(alone).mean(), atol=1e-4, rtol=1e-4)

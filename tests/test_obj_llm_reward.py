@@ -5,6 +5,7 @@ tiny case); the baseline lowers its variance (measured over seeds, asserted loos
 exact gradient of the expected reward whatever the baseline; the gradient reaches the encoder and never the LLM;
 SmolLM2 scores a fluent hypothesis above a disfluent one; config errors name the key.
 """
+
 import dataclasses
 import itertools
 
@@ -21,8 +22,8 @@ from hyp_common import (
 from obj_tp_worker import asr_batch
 
 from nemo_ctcllm.decoding.nbest import collapse_paths
-from nemo_ctcllm.objectives.shared.hypotheses import SearchSettings, hypotheses, llm_log_likelihood
 from nemo_ctcllm.objectives.llm_reward import LlmReward
+from nemo_ctcllm.objectives.shared.hypotheses import SearchSettings, hypotheses, llm_log_likelihood
 
 
 @pytest.mark.parametrize("name", ["reward_sample", "reward_nbest"])
@@ -84,7 +85,7 @@ def exact_loss(term, ctx, theta, cols, lengths):
         ids, id_len = collapse_paths(cols[paths], torch.full((len(paths),), n), blank=int(cols[-1]))
         texts = [ctx.env.tokenizer.ids_to_text(row[:k]) for row, k in zip(ids.tolist(), id_len.tolist())]
         llm = llm_log_likelihood(ctx.env.llm(), texts, term.settings.llm_length_normalize)[None]  # [1, K^n]
-        row = dataclasses.replace(ctx, targets=ctx.targets[b: b + 1], target_len=ctx.target_len[b: b + 1])
+        row = dataclasses.replace(ctx, targets=ctx.targets[b : b + 1], target_len=ctx.target_len[b : b + 1])
         r = term.rewards(row, [texts], llm.to(theta))[0]  # [K^n]
         expected.append((path_lp.exp() * r).sum())
     return -torch.stack(expected).mean()
@@ -117,15 +118,16 @@ def test_sampled_gradient_is_unbiased(tokenizer_dir, tiny_llm, llm_process_group
 
     rows = torch.arange(2).repeat_interleave(copies)  # [B * copies]
     batch = asr_batch(model, [refs[i] for i in rows.tolist()])
-    copied = dataclasses.replace(ctx, log_probs=log_probs[rows], encoded_len=lengths[rows], targets=batch[2],
-                                 target_len=batch[3], cache={})
+    copied = dataclasses.replace(
+        ctx, log_probs=log_probs[rows], encoded_len=lengths[rows], targets=batch[2], target_len=batch[3], cache={}
+    )
     estimates = []
     for seed in range(calls):
         term.generator = torch.Generator().manual_seed(seed)
         loss, _ = term(copied)
         estimates.append(torch.autograd.grad(loss, theta, retain_graph=True)[0])
     estimates = torch.stack(estimates)  # [calls, B, T, 3]
-    mean, se = estimates.mean(0), estimates.std(0) / calls ** 0.5
+    mean, se = estimates.mean(0), estimates.std(0) / calls**0.5
     assert exact[1, 2].abs().max() == 0 and estimates[:, 1, 2].abs().max() == 0  # row 1's padding frame
     free = se > 0
     assert int(free.sum()) == 15, se
@@ -139,9 +141,11 @@ def test_smollm2_prefers_the_fluent_hypothesis(tokenizer_dir, smollm2_dir, llm_p
     from nemo_ctcllm.llm import LLMHost
 
     host = LLMHost(smollm2_dir, tp_size=1)
-    pairs = [("the cat sat on the mat", "the cat sat on the the mat"),
-             ("she opened the door and walked in", "she opened door the and in walked"),
-             ("a dog ran far away from the cat", "a dog ran far away from the")]  # truncated: EOS is scored
+    pairs = [
+        ("the cat sat on the mat", "the cat sat on the the mat"),
+        ("she opened the door and walked in", "she opened door the and in walked"),
+        ("a dog ran far away from the cat", "a dog ran far away from the"),
+    ]  # truncated: EOS is scored
     for normalize in (False, True):
         fluent = llm_log_likelihood(host, [f for f, _ in pairs], normalize)
         disfluent = llm_log_likelihood(host, [d for _, d in pairs], normalize)

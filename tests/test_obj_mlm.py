@@ -5,6 +5,7 @@ and DistilBERT with a WordPiece tokenizer (any ``AutoModelForMaskedLM`` folder).
 or intermediate head; never a frozen MLM), fine-tuning, overfitting one batch, padding invariance, export,
 config errors, and the training script end to end on a tiny budget.
 """
+
 import dataclasses
 import json
 import subprocess
@@ -20,8 +21,8 @@ from nemo_ctcllm.data.small_lm import PIECE_OFFSET, bert_mlm, read_sentences, tr
 from nemo_ctcllm.export import strip_for_inference
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE
 from nemo_ctcllm.objectives import ConfigError
-from nemo_ctcllm.objectives.shared.bridge import PieceMap, asr_pieces, bridge
 from nemo_ctcllm.objectives.mlm import draw_mask, load_mlm, mlm_soft_label_loss
+from nemo_ctcllm.objectives.shared.bridge import PieceMap, asr_pieces, bridge
 
 KEY = "model.objectives.mlm"
 SENTENCES = read_sentences(REPO / "demo" / "sentences.txt")[:3000]
@@ -47,13 +48,30 @@ def tiny_distilbert(tmp_path_factory):
     wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     wp.normalizer = normalizers.BertNormalizer(lowercase=True)
     wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wp.train_from_iterator(SENTENCES, trainers.WordPieceTrainer(
-        vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False))
-    tok = BertTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]")
+    wp.train_from_iterator(
+        SENTENCES,
+        trainers.WordPieceTrainer(
+            vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False
+        ),
+    )
+    tok = BertTokenizerFast(
+        tokenizer_object=wp,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     torch.manual_seed(0)
-    cfg = DistilBertConfig(vocab_size=len(tok), dim=32, hidden_dim=64, n_layers=1, n_heads=2,
-                           max_position_embeddings=40, pad_token_id=tok.pad_token_id)
+    cfg = DistilBertConfig(
+        vocab_size=len(tok),
+        dim=32,
+        hidden_dim=64,
+        n_layers=1,
+        n_heads=2,
+        max_position_embeddings=40,
+        pad_token_id=tok.pad_token_id,
+    )
     DistilBertForMaskedLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
@@ -165,9 +183,9 @@ def test_padding_invariance_and_any_masked_lm_folder(tokenizer_dir, folder, requ
         assert torch.isfinite(batched) and batched > 0
         total, count = 0.0, 0
         for b, n in enumerate(lengths.tolist()):
-            alone = bridge(log_probs[b: b + 1, :n], lengths[b: b + 1], pmap)
+            alone = bridge(log_probs[b : b + 1, :n], lengths[b : b + 1], pmap)
             k = int(alone.lengths[0])
-            loss, _ = mlm_soft_label_loss(mlm, tok, pmap, alone, mask[b: b + 1, :k])
+            loss, _ = mlm_soft_label_loss(mlm, tok, pmap, alone, mask[b : b + 1, :k])
             total, count = total + loss * int(mask[b, :k].sum()), count + int(mask[b, :k].sum())
         torch.testing.assert_close(batched, total / count, atol=1e-5, rtol=1e-5)
 
@@ -201,7 +219,7 @@ def test_masked_positions_only_past_the_truncation_give_zero_not_nan(tokenizer_d
     soft = bridge(log_probs, lengths, pmap)
     assert soft.tokens.shape[1] > mlm.config.max_position_embeddings - 2
     mask = torch.zeros_like(soft.tokens, dtype=torch.bool)
-    mask[0, mlm.config.max_position_embeddings:] = True  # every masked position is past the truncation
+    mask[0, mlm.config.max_position_embeddings :] = True  # every masked position is past the truncation
     loss, acc = mlm_soft_label_loss(mlm, tok, pmap, soft, mask)
     assert loss.item() == 0.0 and acc.item() == 0.0
     loss.backward()
@@ -247,9 +265,33 @@ def test_train_mlm_script_writes_a_folder_the_objective_accepts(tokenizer_dir, t
     corpus.write_text("# a comment\n" + "\n".join(SENTENCES[:400]) + "\n")
     out = tmp_path / "mlm"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train_mlm.py"), "--out", str(out), "--corpus", str(corpus),
-         "--asr-tokenizer", tokenizer_dir, "--hidden", "16", "--layers", "1", "--steps", "3", "--batch", "8",
-         "--warmup", "1", "--test-fraction", "0.1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train_mlm.py"),
+            "--out",
+            str(out),
+            "--corpus",
+            str(corpus),
+            "--asr-tokenizer",
+            tokenizer_dir,
+            "--hidden",
+            "16",
+            "--layers",
+            "1",
+            "--steps",
+            "3",
+            "--batch",
+            "8",
+            "--warmup",
+            "1",
+            "--test-fraction",
+            "0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "mlm_eval.json").read_text())
     distinct = len(set(SENTENCES[:400]))
@@ -267,4 +309,4 @@ def test_train_mlm_script_writes_a_folder_the_objective_accepts(tokenizer_dir, t
     assert pmap.mappable.tolist() == [False] + [True] * (V - 1)
     assert pmap.first_token[1:].tolist() == [v + PIECE_OFFSET for v in range(1, V)]
     mlm, _ = load_mlm(str(out))
-    torch.testing.assert_close(pmap.matrix[1:], mlm.get_input_embeddings().weight[PIECE_OFFSET + 1: PIECE_OFFSET + V])
+    torch.testing.assert_close(pmap.matrix[1:], mlm.get_input_embeddings().weight[PIECE_OFFSET + 1 : PIECE_OFFSET + V])

@@ -97,8 +97,11 @@ def test_nt_xent_uses_same_view_negatives():
         assert torch.allclose(before, after) is not moves, negatives
 
 
-@pytest.mark.parametrize("block", [SIMCLR, {**SIMCLR, "negatives": "nt_xent", "exclude_window": 2}, BYOL],
-                         ids=["cross_view", "nt_xent_window2", "byol"])
+@pytest.mark.parametrize(
+    "block",
+    [SIMCLR, {**SIMCLR, "negatives": "nt_xent", "exclude_window": 2}, BYOL],
+    ids=["cross_view", "nt_xent_window2", "byol"],
+)
 def test_gradients_reach_encoder_and_head(tokenizer_dir, block):
     """This term's loss alone is backpropagated (a total with ctc_final would feed the encoder anyway)."""
     model = fake_trainer(make(tokenizer_dir, token_contrastive=block))
@@ -118,8 +121,11 @@ def test_gradients_reach_encoder_and_head(tokenizer_dir, block):
 def test_byol_target_gets_no_gradient_and_stays_out_of_the_optimizer(tokenizer_dir):
     """With self-conditioned InterCTC in the same model: the target copy runs no hook, registers nothing into
     the capture registry, and a full training step (both terms) still works twice in a row."""
-    model = fake_trainer(make(tokenizer_dir, token_contrastive=BYOL,
-                              interctc={"blocks": [2], "weights": [0.3], "self_conditioning": True}))
+    model = fake_trainer(
+        make(
+            tokenizer_dir, token_contrastive=BYOL, interctc={"blocks": [2], "weights": [0.3], "self_conditioning": True}
+        )
+    )
     model.train()
     term = model.objectives["token_contrastive"]
     target = list(term.target_encoder.parameters()) + list(term.target_projector.parameters())

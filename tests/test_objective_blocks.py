@@ -1,5 +1,6 @@
 """Each objective's block is declared once (a dataclass in its module); the recipe's YAML blocks agree with those
 declarations except where this file says why."""
+
 import dataclasses
 from pathlib import Path
 
@@ -20,9 +21,9 @@ RECIPE_CHOICES = {
     ("llm_prefix_clm", "blocks"): "a connector after blocks 6, 12 and 18 of the recipe's encoder",
     ("llm_prefix_clm", "weights"): "one weight per recipe block",
     ("llm_prefix_clm", "stack"): "the recipe stacks 8 frames per prompt vector; the declared default 4 is kept so "
-                                 "that a block without the key builds as before",
+    "that a block without the key builds as before",
     ("llm_lm_loss", "instruction"): "'Repeat:' separates right from wrong hypotheses better than '' on SmolLM2 "
-                                    "(measured; the YAML comment says so); the default adds no text",
+    "(measured; the YAML comment says so); the default adds no text",
 }
 
 

@@ -2,6 +2,7 @@
 nothing about which collectives run, every rank skips and counts the same steps, and the replicas stay bitwise
 equal. Each torchrun launch runs under a hard timeout, so a deadlock fails the test instead of blocking CI.
 The cases are in tests/ranks_worker.py."""
+
 import json
 
 import pytest

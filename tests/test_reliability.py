@@ -1,5 +1,6 @@
 """Reliability: bad manifest lines (each case named), skipping them, non-finite losses, config errors, and a
 training run killed with SIGKILL that resumes onto the uninterrupted run's loss curve."""
+
 import json
 import os
 import re
@@ -69,8 +70,9 @@ def bad_corpus(tmp_path_factory, demo_corpus):
 def test_validate_manifest_names_every_bad_line(bad_corpus, tokenizer_dir, tmp_path, capsys):
     manifest, reasons = bad_corpus
     clean = tmp_path / "clean.json"
-    code = validate_manifest.main([manifest, "--tokenizer", tokenizer_dir, "--frame-shift", "0.04",
-                                   "--write-clean", str(clean)])
+    code = validate_manifest.main(
+        [manifest, "--tokenizer", tokenizer_dir, "--frame-shift", "0.04", "--write-clean", str(clean)]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 1
     expected = [(str(i), r) for i, r in enumerate(reasons, 1) if r != "good"]
@@ -90,9 +92,21 @@ def _lhotse_train_ds(manifest, seed: int = 0, **overrides):
     sized for the 24-utterance test corpus (45 s of audio): 6 s batches, 7-9 per epoch; buffers smaller than the
     corpus, so that bucketing really draws from a partial buffer."""
     ds = OmegaConf.load(REPO / "conf" / "conformer_ctc_llm.yaml").model.train_ds
-    ds.update({"manifest_filepath": manifest, "sample_rate": 16000, "batch_duration": 6, "num_buckets": 2,
-               "bucket_buffer_size": 8, "shuffle_buffer_size": 8, "num_workers": 0, "pin_memory": False,
-               "seed": seed, "shard_seed": seed, **overrides})
+    ds.update(
+        {
+            "manifest_filepath": manifest,
+            "sample_rate": 16000,
+            "batch_duration": 6,
+            "num_buckets": 2,
+            "bucket_buffer_size": 8,
+            "shuffle_buffer_size": 8,
+            "num_workers": 0,
+            "pin_memory": False,
+            "seed": seed,
+            "shard_seed": seed,
+            **overrides,
+        }
+    )
     return ds
 
 
@@ -100,8 +114,17 @@ def _train_cfg(tokenizer_dir, train, dev, tmp_path, **overrides):
     """The full training config (trainer, exp_manager, data_checks) around the tiny model."""
     base = OmegaConf.load(REPO / "conf" / "conformer_ctc_llm.yaml")
     base.model = tiny_model_cfg(tokenizer_dir, train_manifest=train, val_manifest=dev)
-    base.trainer.update({"devices": 1, "accelerator": "cpu", "strategy": "auto", "max_steps": 2,
-                         "log_every_n_steps": 1, "enable_progress_bar": False, "sync_batchnorm": False})
+    base.trainer.update(
+        {
+            "devices": 1,
+            "accelerator": "cpu",
+            "strategy": "auto",
+            "max_steps": 2,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "sync_batchnorm": False,
+        }
+    )
     base.exp_manager.exp_dir = str(tmp_path / "exp")
     for key, value in overrides.items():
         OmegaConf.update(base, key, value, force_add=True)
@@ -130,8 +153,14 @@ def test_training_refuses_bad_lines_or_skips_and_counts_them(bad_corpus, demo_co
     import lightning.pytorch as pl
 
     model = EncDecCTCLLMModelBPE(cfg.model)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model)
     assert trainer.global_step == 2
 
@@ -161,8 +190,12 @@ class _StepRecorder:
 def _fit_with_nan(tokenizer_dir, demo_corpus, nan_at, max_steps, **bad_steps):
     import lightning.pytorch as pl
 
-    cfg = tiny_model_cfg(tokenizer_dir, train_manifest=demo_corpus["train"], val_manifest=demo_corpus["dev"],
-                         interctc={"blocks": [2], "weights": [0.3]})
+    cfg = tiny_model_cfg(
+        tokenizer_dir,
+        train_manifest=demo_corpus["train"],
+        val_manifest=demo_corpus["dev"],
+        interctc={"blocks": [2], "weights": [0.3]},
+    )
     cfg.bad_steps = bad_steps
     torch.manual_seed(0)
     model = EncDecCTCLLMModelBPE(cfg)
@@ -182,9 +215,16 @@ def _fit_with_nan(tokenizer_dir, demo_corpus, nan_at, max_steps, **bad_steps):
             opt = trainer.optimizers[0]
             rec.adam_steps.append(sum(int(s.get("step", 0)) for s in opt.state.values()))
 
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, limit_val_batches=0, callbacks=[Record()],
-                         gradient_clip_val=1.0)
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[Record()],
+        gradient_clip_val=1.0,
+    )
     return model, trainer, rec
 
 
@@ -202,10 +242,14 @@ def test_nan_in_one_term_skips_the_step_and_training_goes_on(tokenizer_dir, demo
 def test_persistent_nan_stops_training_with_a_clear_message(tokenizer_dir, demo_corpus):
     from nemo_ctcllm.models.ctc_llm_bpe import NonFiniteLossError
 
-    model, trainer, _ = _fit_with_nan(tokenizer_dir, demo_corpus, nan_at=set(range(100)), max_steps=10,
-                                      max_consecutive=3)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss in term\(s\) \['interctc_l2'\] at step 2.*"
-                                                 r"3 consecutive steps \(model.bad_steps.max_consecutive=3\)"):
+    model, trainer, _ = _fit_with_nan(
+        tokenizer_dir, demo_corpus, nan_at=set(range(100)), max_steps=10, max_consecutive=3
+    )
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite loss in term\(s\) \['interctc_l2'\] at step 2.*"
+        r"3 consecutive steps \(model.bad_steps.max_consecutive=3\)",
+    ):
         trainer.fit(model)
     model, trainer, _ = _fit_with_nan(tokenizer_dir, demo_corpus, nan_at={0}, max_steps=2, skip=False)
     with pytest.raises(NonFiniteLossError, match="model.bad_steps.skip is false"):
@@ -263,8 +307,9 @@ def _run_train(cfg, tmp_path, name, kill_when=None):
     OmegaConf.save(cfg, folder / "cfg.yaml")
     cmd = [sys.executable, str(REPO / "scripts" / "train.py"), f"--config-path={folder}", "--config-name=cfg"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if kill_when is None:
         try:
             out, _ = proc.communicate(timeout=600)  # a hang guard, not a timed assertion
@@ -290,17 +335,27 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(demo_corpus
     """24 utterances / batch 4 = 6 steps per epoch; checkpoints every 4 steps; killed at the first one (mid
     epoch 0), resumed with exp_manager.resume_if_exists: steps after the checkpoint give the same losses as a
     run that was never killed (same optimizer, scheduler, BYOL target, step and batch position)."""
+
     def cfg_for(exp):
         cfg = _train_cfg(tokenizer_dir, demo_corpus["train"], demo_corpus["dev"], tmp_path)
         cfg.model.objectives.token_contrastive = {"mode": "byol", "weight": 0.1, "proj_dim": 16, "ema_decay": 0.9}
         cfg.model.optim.sched = {"name": "CosineAnnealing", "warmup_steps": 3, "min_lr": 1e-5}
         cfg.model.validation_ds.batch_size = 8
         cfg.trainer.update({"max_steps": 14, "val_check_interval": 1.0, "check_val_every_n_epoch": 1})
-        cfg.exp_manager.update({"exp_dir": str(tmp_path / exp), "resume_if_exists": True,
-                                "resume_ignore_no_checkpoint": True})
+        cfg.exp_manager.update(
+            {"exp_dir": str(tmp_path / exp), "resume_if_exists": True, "resume_ignore_no_checkpoint": True}
+        )
         cfg.exp_manager.checkpoint_callback_params.update(
-            {"every_n_train_steps": 4, "every_n_epochs": None, "save_top_k": -1, "always_save_nemo": False,
-             "monitor": "step", "mode": "max", "save_last": True})
+            {
+                "every_n_train_steps": 4,
+                "every_n_epochs": None,
+                "save_top_k": -1,
+                "always_save_nemo": False,
+                "monitor": "step",
+                "mode": "max",
+                "save_last": True,
+            }
+        )
         return cfg
 
     _run_train(cfg_for("straight"), tmp_path, "straight")
@@ -345,15 +400,33 @@ def test_tp2_trained_nemo_restores_and_transcribes_without_the_llm(demo_corpus, 
     cfg = _train_cfg(tokenizer_dir, demo_corpus["train"], demo_corpus["dev"], tmp_path)
     cfg.model.objectives.llm_prefix_clm = {"blocks": [2], "weights": [1.0], "stack": 2, "weight": 0.3}
     cfg.model.llm = {"checkpoint": str(llm), "tensor_model_parallel_size": 2}
-    cfg.trainer.update({"devices": 2, "strategy": "ddp", "max_steps": 2, "use_distributed_sampler": True,
-                        "val_check_interval": 2, "limit_val_batches": 1})
+    cfg.trainer.update(
+        {
+            "devices": 2,
+            "strategy": "ddp",
+            "max_steps": 2,
+            "use_distributed_sampler": True,
+            "val_check_interval": 2,
+            "limit_val_batches": 1,
+        }
+    )
     cfg.exp_manager.checkpoint_callback_params.update({"always_save_nemo": True, "save_top_k": 1})
     folder = tmp_path / "tp2"
     folder.mkdir()
     OmegaConf.save(cfg, folder / "cfg.yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(REPO / "scripts" / "train.py"), f"--config-path={folder}", "--config-name=cfg"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(REPO / "scripts" / "train.py"),
+        f"--config-path={folder}",
+        "--config-name=cfg",
+    ]
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     nemo = sorted((tmp_path / "exp").rglob("*.nemo"))
@@ -380,11 +453,20 @@ def _free_port() -> int:
 def test_training_loader_resumes_at_the_same_batch(lhotse, demo_corpus, tokenizer_dir):
     """The loader state Lightning stores in its checkpoint puts a fresh loader (a new process) at the next
     batch of the same epoch, for NeMo's map-style and Lhotse loaders."""
+
     def loader():
         cfg = tiny_model_cfg(tokenizer_dir, train_manifest=demo_corpus["train"])
         if lhotse:
-            cfg.train_ds = {"manifest_filepath": demo_corpus["train"], "sample_rate": 16000, "use_lhotse": True,
-                            "batch_duration": 12, "shuffle": True, "num_workers": 0, "seed": 3, "shard_seed": 3}
+            cfg.train_ds = {
+                "manifest_filepath": demo_corpus["train"],
+                "sample_rate": 16000,
+                "use_lhotse": True,
+                "batch_duration": 12,
+                "shuffle": True,
+                "num_workers": 0,
+                "seed": 3,
+                "shard_seed": 3,
+            }
         model = EncDecCTCLLMModelBPE(cfg)
         dl = model._train_dl
         assert type(dl).__name__ == "ResumableDataLoader"
@@ -458,8 +540,15 @@ def _first_batches_and_losses(tokenizer_dir, demo_corpus, seed: int, steps: int 
             batches.append((signal_len.tolist(), [t[:n].tolist() for t, n in zip(targets, target_len)]))
             losses.append(outputs["loss"].item())
 
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, limit_val_batches=0, callbacks=[Record()])
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[Record()],
+    )
     trainer.fit(model)
     return batches, losses
 

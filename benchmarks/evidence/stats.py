@@ -14,6 +14,7 @@ roughly normal distribution; with 5 seeds it is wide unless the effect is consis
 d̄ over the control's mean WER on the same seeds; its interval divides the CI's ends by that mean (the
 control's own spread is ignored there, so read it as approximate).
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,9 @@ def paired_summary(control: Mapping[int, float], arm: Mapping[int, float], confi
     mean = sum(d) / n
     control_mean = sum(float(control[s]) for s in seeds) / n
     if control_mean <= 0:
-        raise ValueError(f"the control's mean WER on seeds {list(seeds)} is {control_mean}; "
-                         "a relative effect needs > 0")
+        raise ValueError(
+            f"the control's mean WER on seeds {list(seeds)} is {control_mean}; a relative effect needs > 0"
+        )
     sd = lo = hi = rlo = rhi = None
     if n > 1:
         sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
@@ -86,8 +88,10 @@ def llm_gain_captured(wer_control: float, wer_run: float, wer_control_rescored: 
     as the control decoded with N-best LLM rescoring, 0 = no better than the control, < 0 = worse."""
     gap = wer_control - wer_control_rescored
     if gap <= 0:
-        raise ValueError(f"rescoring does not lower the control's WER ({wer_control} -> {wer_control_rescored}): "
-                         "there is no LLM gain to capture")
+        raise ValueError(
+            f"rescoring does not lower the control's WER ({wer_control} -> {wer_control_rescored}): "
+            "there is no LLM gain to capture"
+        )
     return (wer_control - wer_run) / gap
 
 
@@ -128,8 +132,10 @@ def paired_table(wers: Mapping[str, Mapping[int, float]], control: str, confiden
     if control not in wers:
         raise ValueError(f"no control run {control!r} among {sorted(wers)}")
     pct = int(round(confidence * 100))
-    lines = [f"| arm | seeds | control | arm | difference (points), {pct} % CI | relative, {pct} % CI |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| arm | seeds | control | arm | difference (points), {pct} % CI | relative, {pct} % CI |",
+        "|---|---|---|---|---|---|",
+    ]
     for arm in sorted(a for a in wers if a != control):
         s = paired_summary(wers[control], wers[arm], confidence)
         arm_mean = s.control_mean + s.mean

@@ -23,6 +23,7 @@ unknown characters                 ``text has characters the tokenizer does not 
 CTC infeasible                     ``transcript too long for the audio``
 =================================  =================================================================
 """
+
 from __future__ import annotations
 
 import json

@@ -16,6 +16,7 @@ Limits (documented, not hidden): random augmentation drawn from the global RNG (
 replayed, so the loss after resume matches an uninterrupted run only where the batch order decides it; with
 worker processes the prefetched-but-unused batches are drawn again, which is what "same position" means.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Iterator

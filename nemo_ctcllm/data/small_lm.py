@@ -9,12 +9,20 @@ other word, as it is by the ASR tokenizer (``▁`` on every word-initial piece):
 (:func:`lm_text`), the tokenizer itself adds none, so that a word-internal ASR piece tokenized on its own stays
 word-internal.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
 
-SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "mask_token": "<mask>", "cls_token": "<s>", "sep_token": "</s>"}
+SPECIALS = {
+    "pad_token": "<pad>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "mask_token": "<mask>",
+    "cls_token": "<s>",
+    "sep_token": "</s>",
+}
 
 
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int):
@@ -29,8 +37,12 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(list(texts), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
 
@@ -51,9 +63,16 @@ def bert_mlm(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 2, max_
     """A randomly initialised ``BertForMaskedLM`` sized for ``tokenizer`` (intermediate size 4 x hidden)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=max_len,
-                     pad_token_id=tokenizer.pad_token_id, type_vocab_size=1)
+    cfg = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max_len,
+        pad_token_id=tokenizer.pad_token_id,
+        type_vocab_size=1,
+    )
     return BertForMaskedLM(cfg)
 
 
@@ -65,6 +84,7 @@ def encode(tokenizer, sentences, max_len: int, to_ids=None):
     import torch
 
     if to_ids is None:
+
         def to_ids(sentence):
             return tokenizer(lm_text(sentence), add_special_tokens=False)["input_ids"]
 
@@ -125,9 +145,16 @@ def piece_tokenizer(sp_model_path: str):
     tok = Tokenizer(models.Unigram(vocab, unk_id=PIECE_OFFSET))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   cls_token="<s>", sep_token="</s>", mask_token="<mask>",
-                                   unk_token=sp.id_to_piece(0))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="<s>",
+        sep_token="</s>",
+        mask_token="<mask>",
+        unk_token=sp.id_to_piece(0),
+    )
 
 
 def piece_ids(sp_model_path: str):

@@ -4,6 +4,7 @@ The folder ``<out>/tokenizer_spe_bpe_v<N>/`` holds ``tokenizer.model``, ``tokeni
 ``vocab.txt`` (what ``model.tokenizer.dir`` with ``type: bpe`` expects), as NeMo's
 ``process_asr_text_tokenizer.py`` writes it.
 """
+
 from __future__ import annotations
 
 import hashlib

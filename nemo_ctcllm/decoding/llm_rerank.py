@@ -7,6 +7,7 @@ over the LLM's tokens, or divided by their number), and the rescored choice argm
 that an empty or truncated hypothesis is not favoured. λ = 0 gives the N-best's acoustic top (which can differ from
 greedy decoding: it sums over alignments).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,16 +46,25 @@ class ScoredNBest:
         return (self.acoustic + lm_weight * self.llm).argmax(1)
 
 
-def score_nbest(log_probs: Tensor, lengths: Tensor, tokenizer, host, nbest: int, length_normalize: bool = False,
-                llm_cache: Optional[Dict[str, float]] = None) -> ScoredNBest:
+def score_nbest(
+    log_probs: Tensor,
+    lengths: Tensor,
+    tokenizer,
+    host,
+    nbest: int,
+    length_normalize: bool = False,
+    llm_cache: Optional[Dict[str, float]] = None,
+) -> ScoredNBest:
     """The N-best of CTC log-probs [B, T, V+1] (blank last) with acoustic and LLM scores. ``llm_cache`` (text ->
     score) spares the LLM texts it has already scored."""
     cache = {} if llm_cache is None else llm_cache
     nb = ctc_prefix_beam_search(log_probs, lengths, beam_size=nbest, nbest=nbest)  # ids [B, N, L]
     valid = nb.valid.cpu()  # [B, N]
     ids, lens = nb.ids.tolist(), nb.lengths.tolist()
-    texts = [[tokenizer.ids_to_text(ids[b][n][: lens[b][n]]) if valid[b, n] else "" for n in range(nbest)]
-             for b in range(len(ids))]
+    texts = [
+        [tokenizer.ids_to_text(ids[b][n][: lens[b][n]]) if valid[b, n] else "" for n in range(nbest)]
+        for b in range(len(ids))
+    ]
     missing = sorted({t for row in texts for t in row} - set(cache))
     if missing:
         cache.update(zip(missing, llm_log_likelihood(host, missing, length_normalize).tolist()))
@@ -69,9 +79,10 @@ def audio_batches(manifest: str, batch_size: int) -> Iterator[Tuple[Tensor, Tens
 
     entries = read_manifest(manifest)
     for start in range(0, len(entries), batch_size):
-        chunk = entries[start: start + batch_size]
-        audio = [torch.tensor(sf.read(resolve_audio_path(e["audio_filepath"], manifest), dtype="float32")[0])
-                 for e in chunk]
+        chunk = entries[start : start + batch_size]
+        audio = [
+            torch.tensor(sf.read(resolve_audio_path(e["audio_filepath"], manifest), dtype="float32")[0]) for e in chunk
+        ]
         lens = torch.tensor([len(a) for a in audio])
         signal = torch.zeros(len(audio), int(lens.max()))
         for i, a in enumerate(audio):
@@ -83,14 +94,25 @@ def check_rescoring(nbest, lm_weight) -> None:
     """Clear errors for the two settings (named as scripts/evaluate.py's options)."""
     if isinstance(nbest, bool) or not isinstance(nbest, int) or nbest < 1:
         raise ValueError(f"--nbest must be an integer >= 1, got {nbest!r}")
-    if isinstance(lm_weight, bool) or not isinstance(lm_weight, (int, float)) or not lm_weight == lm_weight \
-            or abs(lm_weight) == float("inf"):
+    if (
+        isinstance(lm_weight, bool)
+        or not isinstance(lm_weight, (int, float))
+        or not lm_weight == lm_weight
+        or abs(lm_weight) == float("inf")
+    ):
         raise ValueError(f"--llm-weight must be a finite number, got {lm_weight!r}")
 
 
 @torch.no_grad()
-def rescore_manifest(model, host, manifest: str, nbest: int = 8, lm_weight: float = 0.5,
-                     length_normalize: bool = False, batch_size: int = 16) -> List[str]:
+def rescore_manifest(
+    model,
+    host,
+    manifest: str,
+    nbest: int = 8,
+    lm_weight: float = 0.5,
+    length_normalize: bool = False,
+    batch_size: int = 16,
+) -> List[str]:
     """The LLM-rescored transcript of every utterance of ``manifest``, in manifest order."""
     check_rescoring(nbest, lm_weight)
     model.eval()

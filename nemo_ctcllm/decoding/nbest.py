@@ -24,6 +24,7 @@ the end, so each frame costs O(B*K*C) and no label copies.
 The search runs without gradients; :func:`sequence_log_probs` gives the differentiable log p(y | x) of
 chosen hypotheses (torch's CTC loss, reduction 'none').
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -105,7 +106,8 @@ def ctc_prefix_beam_search(
         into = ext.gather(2, last.clamp(min=0)[:, None, :].expand(B, K, K))  # [B, K1, K2] = ext[k1, last(k2)]
         stay_pnb = torch.logaddexp(stay_pnb, torch.where(child, into, ninf).logsumexp(1))  # [B, K2]
         merged = torch.zeros(B, K, C, dtype=torch.long, device=dev).scatter_reduce(
-            2, last.clamp(min=0)[:, None, :].expand(B, K, K), child.long(), reduce="amax")  # [B, K1, C]
+            2, last.clamp(min=0)[:, None, :].expand(B, K, K), child.long(), reduce="amax"
+        )  # [B, K1, C]
         ext = ext.masked_fill(merged.bool(), NEG_INF)
         stay = torch.logaddexp(stay_pb, stay_pnb)  # [B, K]
         cand = torch.cat([stay, ext.reshape(B, K * C)], 1)  # [B, K + K*C]
@@ -113,6 +115,7 @@ def ctc_prefix_beam_search(
         is_ext = idx >= K
         src = torch.where(is_ext, (idx - K) // C, idx)  # [B, K] parent beam
         c = torch.where(is_ext, (idx - K) % C, -1)  # [B, K] emitted label
+
         def g(v: Tensor, src: Tensor = src) -> Tensor:
             return v.gather(1, src)  # [B, K]: the chosen parent beam's value
 
@@ -172,8 +175,15 @@ def sequence_log_probs(
     blank = C - 1 if blank is None else int(blank)
     x = log_probs.float().transpose(0, 1)  # [T, B, C]
     x = x[:, :, None, :].expand(T, B, N, C).reshape(T, B * N, C)  # [T, B*N, C]
-    nll = F.ctc_loss(x, ids.reshape(B * N, -1), lengths.repeat_interleave(N), hyp_lengths.reshape(-1),
-                     blank=blank, reduction="none", zero_infinity=False)  # [B*N]
+    nll = F.ctc_loss(
+        x,
+        ids.reshape(B * N, -1),
+        lengths.repeat_interleave(N),
+        hyp_lengths.reshape(-1),
+        blank=blank,
+        reduction="none",
+        zero_infinity=False,
+    )  # [B*N]
     return -nll.view(B, N)
 
 

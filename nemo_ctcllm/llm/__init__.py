@@ -5,7 +5,7 @@ HF -> megatron model and the per-rank loading of its weights, and :mod:`.compat`
 """
 
 from .compat import apply_cpu_patches
-from .convert import LLMCheckpointError, LlamaSpec, read_llama_spec
+from .convert import LlamaSpec, LLMCheckpointError, read_llama_spec
 from .host import LLMHost, init_model_parallel, init_single_process_distributed
 from .prepare import DEFAULT_DEMO_DIR, prepare_demo_llm
 

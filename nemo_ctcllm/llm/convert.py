@@ -157,8 +157,9 @@ def check_tp_divisibility(spec: LlamaSpec, tp_size: int) -> None:
 # ----------------------------------------------------------------------------- model
 
 
-def transformer_config(spec: LlamaSpec, tp_size: int, params_dtype: torch.dtype, on_cpu: bool,
-                       activation_recompute: bool = False):
+def transformer_config(
+    spec: LlamaSpec, tp_size: int, params_dtype: torch.dtype, on_cpu: bool, activation_recompute: bool = False
+):
     """megatron ``TransformerConfig`` with LLaMA settings, dropout 0, no fusions.
 
     ``activation_recompute``: megatron's full recompute, one layer per checkpoint (only each layer's input is
@@ -226,13 +227,18 @@ def torch_norm_block_spec(num_layers: int):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-    layer = dataclasses.replace(layer, submodules=dataclasses.replace(
-        layer.submodules, input_layernorm=WrappedTorchNorm, pre_mlp_layernorm=WrappedTorchNorm))
+    layer = dataclasses.replace(
+        layer,
+        submodules=dataclasses.replace(
+            layer.submodules, input_layernorm=WrappedTorchNorm, pre_mlp_layernorm=WrappedTorchNorm
+        ),
+    )
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=WrappedTorchNorm)
 
 
-def build_gpt_model(spec: LlamaSpec, tp_size: int, params_dtype: torch.dtype, device: torch.device,
-                    activation_recompute: bool = False):
+def build_gpt_model(
+    spec: LlamaSpec, tp_size: int, params_dtype: torch.dtype, device: torch.device, activation_recompute: bool = False
+):
     """An (uninitialised) megatron ``GPTModel`` for ``spec``; parallel_state must be initialised."""
     from megatron.core.models.gpt import GPTModel
 
@@ -309,21 +315,23 @@ def megatron_layout(spec: LlamaSpec, tp_size: int) -> dict[str, list[Piece]]:
         layout["output_layer.weight"] = [Piece("lm_head.weight", (V, H), 0)]
     for i in range(spec.num_layers):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
-        layout.update({
-            mg + "input_layernorm.weight": [Piece(hf + "input_layernorm.weight", (H,), None)],
-            mg + "self_attention.linear_qkv.weight": [
-                Piece(hf + "self_attn.q_proj.weight", (nq * D, H), 0, lambda t: qkv(t)[:, :h]),  # [g, h, D, H]
-                Piece(hf + "self_attn.k_proj.weight", (ng * D, H), 0, lambda t: qkv(t)[:, h]),  # [g, D, H]
-                Piece(hf + "self_attn.v_proj.weight", (ng * D, H), 0, lambda t: qkv(t)[:, h + 1]),  # [g, D, H]
-            ],
-            mg + "self_attention.linear_proj.weight": [Piece(hf + "self_attn.o_proj.weight", (H, nq * D), 1)],
-            mg + "pre_mlp_layernorm.weight": [Piece(hf + "post_attention_layernorm.weight", (H,), None)],
-            mg + "mlp.linear_fc1.weight": [
-                Piece(hf + "mlp.gate_proj.weight", (F_, H), 0, lambda t: t[:f]),  # [F/N, H]
-                Piece(hf + "mlp.up_proj.weight", (F_, H), 0, lambda t: t[f:]),  # [F/N, H]
-            ],
-            mg + "mlp.linear_fc2.weight": [Piece(hf + "mlp.down_proj.weight", (H, F_), 1)],
-        })
+        layout.update(
+            {
+                mg + "input_layernorm.weight": [Piece(hf + "input_layernorm.weight", (H,), None)],
+                mg + "self_attention.linear_qkv.weight": [
+                    Piece(hf + "self_attn.q_proj.weight", (nq * D, H), 0, lambda t: qkv(t)[:, :h]),  # [g, h, D, H]
+                    Piece(hf + "self_attn.k_proj.weight", (ng * D, H), 0, lambda t: qkv(t)[:, h]),  # [g, D, H]
+                    Piece(hf + "self_attn.v_proj.weight", (ng * D, H), 0, lambda t: qkv(t)[:, h + 1]),  # [g, D, H]
+                ],
+                mg + "self_attention.linear_proj.weight": [Piece(hf + "self_attn.o_proj.weight", (H, nq * D), 1)],
+                mg + "pre_mlp_layernorm.weight": [Piece(hf + "post_attention_layernorm.weight", (H,), None)],
+                mg + "mlp.linear_fc1.weight": [
+                    Piece(hf + "mlp.gate_proj.weight", (F_, H), 0, lambda t: t[:f]),  # [F/N, H]
+                    Piece(hf + "mlp.up_proj.weight", (F_, H), 0, lambda t: t[f:]),  # [F/N, H]
+                ],
+                mg + "mlp.linear_fc2.weight": [Piece(hf + "mlp.down_proj.weight", (H, F_), 1)],
+            }
+        )
     layout["decoder.final_layernorm.weight"] = [Piece("model.norm.weight", (H,), None)]
     return layout
 
@@ -340,7 +348,8 @@ def read_slice(file: Path, piece: Piece, tp_size: int, rank: int) -> Tensor:
         shape = tuple(sl.get_shape())
         if shape != piece.hf_shape:
             raise LLMCheckpointError(
-                f"HF tensor {piece.hf_name!r} in {file} has shape {shape}, expected {piece.hf_shape}")
+                f"HF tensor {piece.hf_name!r} in {file} has shape {shape}, expected {piece.hf_shape}"
+            )
         if piece.split_dim is None:
             return sl[:]
         n = shape[piece.split_dim] // tp_size
@@ -366,8 +375,10 @@ def load_tp_shard(model: torch.nn.Module, checkpoint_dir, spec: LlamaSpec, tp_si
 
     target = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     if set(target) != set(layout):
-        raise LLMCheckpointError(f"megatron key mismatch: missing={sorted(set(target) - set(layout))[:8]} "
-                                 f"unexpected={sorted(set(layout) - set(target))[:8]}")
+        raise LLMCheckpointError(
+            f"megatron key mismatch: missing={sorted(set(target) - set(layout))[:8]} "
+            f"unexpected={sorted(set(layout) - set(target))[:8]}"
+        )
     with torch.no_grad():
         for key, pieces in layout.items():
             param, filled = target[key], 0
@@ -375,11 +386,15 @@ def load_tp_shard(model: torch.nn.Module, checkpoint_dir, spec: LlamaSpec, tp_si
                 src = read_slice(files[piece.hf_name], piece, tp_size, rank)  # checkpoint dtype
                 dest = piece.place(param)
                 if src.numel() != dest.numel():
-                    raise LLMCheckpointError(f"megatron tensor {key!r} {tuple(param.shape)}: {piece.hf_name!r} "
-                                             f"slice {tuple(src.shape)} does not fit {tuple(dest.shape)}")
+                    raise LLMCheckpointError(
+                        f"megatron tensor {key!r} {tuple(param.shape)}: {piece.hf_name!r} "
+                        f"slice {tuple(src.shape)} does not fit {tuple(dest.shape)}"
+                    )
                 dest.copy_(src.view(dest.shape))  # converts to the parameters' dtype / device
                 filled += dest.numel()
                 del src
             if filled != param.numel():
-                raise LLMCheckpointError(f"megatron tensor {key!r} {tuple(param.shape)}: the checkpoint fills "
-                                         f"{filled} of its {param.numel()} elements")
+                raise LLMCheckpointError(
+                    f"megatron tensor {key!r} {tuple(param.shape)}: the checkpoint fills "
+                    f"{filled} of its {param.numel()} elements"
+                )

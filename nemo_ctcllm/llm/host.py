@@ -102,8 +102,9 @@ def init_model_parallel(tp_size: int) -> None:
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialised; call init_single_process_distributed() "
-                           "or init_process_group() first")
+        raise RuntimeError(
+            "torch.distributed is not initialised; call init_single_process_distributed() or init_process_group() first"
+        )
     world = dist.get_world_size()
     if tp_size < 1 or world % tp_size != 0:
         raise ValueError(f"world size {world} is not divisible by LLM tensor-parallel size {tp_size}")

@@ -24,6 +24,7 @@ of the global mean.
 
 At group size 1 every helper is a no-op: no collective is ever called.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,8 +64,9 @@ def tp_group() -> Group:
     size = parallel_state.get_tensor_model_parallel_world_size()
     if size == 1:
         return SINGLE
-    return Group(parallel_state.get_tensor_model_parallel_group(), size,
-                 parallel_state.get_tensor_model_parallel_rank())
+    return Group(
+        parallel_state.get_tensor_model_parallel_group(), size, parallel_state.get_tensor_model_parallel_rank()
+    )
 
 
 def dp_group() -> Group:
@@ -115,7 +117,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         grad = grad.contiguous().clone()  # [B, L_max, ...]
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.g.group)
-        rows = grad[ctx.offset: ctx.offset + ctx.shape[0]]  # [b, L_max, ...]
+        rows = grad[ctx.offset : ctx.offset + ctx.shape[0]]  # [b, L_max, ...]
         return rows[tuple(slice(0, n) for n in ctx.shape)].contiguous(), None, None, None, None
 
 

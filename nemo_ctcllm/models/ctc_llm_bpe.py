@@ -6,6 +6,7 @@ posteriors, encoder output, captured intermediate blocks) and hand it to :func:`
 place that weights and sums the terms listed under ``model.objectives``. With only ``ctc_final`` enabled
 (weight 1) the loss and gradients equal the parent's.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -93,8 +94,11 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
                     "model.llm.checkpoint is not set: an objective needs the LLM; point it to a local Hugging Face "
                     "LLaMA folder (scripts/prepare_llm.py prepares the demo's SmolLM2)"
                 )
-            host = LLMHost(cfg["checkpoint"], tp_size=cfg["tensor_model_parallel_size"],
-                           activation_recompute=cfg["activation_recompute"])
+            host = LLMHost(
+                cfg["checkpoint"],
+                tp_size=cfg["tensor_model_parallel_size"],
+                activation_recompute=cfg["activation_recompute"],
+            )
             self.__dict__["_llm_host"] = host  # plain attribute, not a submodule (see docstring)
         return host
 
@@ -260,7 +264,8 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         if not cfg["skip"] or self._consecutive_bad >= cfg["max_consecutive"]:
             limit = f"model.bad_steps.max_consecutive={cfg['max_consecutive']}"
             why = (
-                "model.bad_steps.skip is false" if not cfg["skip"]
+                "model.bad_steps.skip is false"
+                if not cfg["skip"]
                 else f"{self._consecutive_bad} consecutive steps ({limit})"
             )
             raise NonFiniteLossError(

@@ -3,6 +3,7 @@
 (plus its documented YAML block in conf/conformer_ctc_llm.yaml). ``base`` is the interface, ``shared/`` holds
 what several objectives use; objective modules import those two, never each other.
 """
+
 import importlib
 import pkgutil
 

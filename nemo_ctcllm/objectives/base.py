@@ -16,6 +16,7 @@ to other terms) are methods of :class:`Objective` that the model calls.
 A block may build several *terms* (e.g. one per intermediate CTC head); each term is one Objective module
 with its own name, weight and warm-up, and is logged under ``train/<name>``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -136,12 +137,17 @@ def labelled_view(ctx: StepContext) -> StepContext:
     pick = lambda x: x.index_select(0, rows.to(x.device))  # noqa: E731
     return dataclasses.replace(
         ctx,
-        signal=pick(ctx.signal), signal_len=pick(ctx.signal_len),
-        encoded=pick(ctx.encoded), encoded_len=pick(ctx.encoded_len), log_probs=pick(ctx.log_probs),
-        targets=pick(ctx.targets), target_len=pick(ctx.target_len),
+        signal=pick(ctx.signal),
+        signal_len=pick(ctx.signal_len),
+        encoded=pick(ctx.encoded),
+        encoded_len=pick(ctx.encoded_len),
+        log_probs=pick(ctx.log_probs),
+        targets=pick(ctx.targets),
+        target_len=pick(ctx.target_len),
         layers={k: (pick(out), pick(n)) for k, (out, n) in ctx.layers.items()},
         selfcond_log_probs={k: pick(lp) for k, lp in ctx.selfcond_log_probs.items()},
-        labelled=None, cache={},
+        labelled=None,
+        cache={},
     )
 
 
@@ -169,8 +175,14 @@ class Objective(torch.nn.Module):
     uses_unlabelled: bool = False
     tp_collective: bool = False
 
-    def __init__(self, name: str, weight: float, warmup_steps: int = 0, capture_blocks: Optional[List[int]] = None,
-                 every_n_steps: int = 1):
+    def __init__(
+        self,
+        name: str,
+        weight: float,
+        warmup_steps: int = 0,
+        capture_blocks: Optional[List[int]] = None,
+        every_n_steps: int = 1,
+    ):
         super().__init__()
         self.name = name
         self.weight = float(weight)

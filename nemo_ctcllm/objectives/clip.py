@@ -5,6 +5,7 @@ transcript features) is :mod:`nemo_ctcllm.objectives.shared.contrastive`'s.
 
 The maths, the YAML block and the cost: docs/objectives.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,10 +42,22 @@ class AttentionPool(nn.Module):
 class ClipObjective(TwoTowerInfoNCE):
     """Symmetric InfoNCE between pooled encoder output and frozen-LLM transcript embeddings."""
 
-    def __init__(self, name, weight, warmup_steps, d_audio: int, d_text: int, dim: int, pool: str,
-                 cache_text: bool, init_temperature: float, every_n_steps: int = 1):
-        super().__init__(name, weight, warmup_steps, d_audio, d_text, dim, cache_text, init_temperature,
-                         every_n_steps=every_n_steps)
+    def __init__(
+        self,
+        name,
+        weight,
+        warmup_steps,
+        d_audio: int,
+        d_text: int,
+        dim: int,
+        pool: str,
+        cache_text: bool,
+        init_temperature: float,
+        every_n_steps: int = 1,
+    ):
+        super().__init__(
+            name, weight, warmup_steps, d_audio, d_text, dim, cache_text, init_temperature, every_n_steps=every_n_steps
+        )
         self.attn_pool = AttentionPool(d_audio) if pool == "attention" else None
 
     def pooled_audio(self, encoded: Tensor, lengths: Tensor) -> Tensor:
@@ -72,5 +85,15 @@ class ClipConfig(ContrastiveConfig):
 
 @register_objective("clip", ClipConfig)
 def build_clip(cfg: ClipConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
-    return [ClipObjective("clip", d_audio=env.encoded_width, d_text=cfg.llm_hidden_size, dim=cfg.dim, pool=cfg.pool,
-                          cache_text=cfg.cache_text, init_temperature=float(cfg.init_temperature), **cfg.schedule())]
+    return [
+        ClipObjective(
+            "clip",
+            d_audio=env.encoded_width,
+            d_text=cfg.llm_hidden_size,
+            dim=cfg.dim,
+            pool=cfg.pool,
+            cache_text=cfg.cache_text,
+            init_temperature=float(cfg.init_temperature),
+            **cfg.schedule(),
+        )
+    ]

@@ -8,6 +8,7 @@ layer outputs are otherwise captured through NeMo's ``AccessMixin`` (the encoder
 
 The maths, the YAML block and the cost: docs/objectives.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,9 +31,7 @@ from nemo_ctcllm.objectives.base import (
 from nemo_ctcllm.objectives.shared.checks import check_block_weights, check_blocks, encoder_depth
 
 
-def ctc_loss_and_stats(
-    ctx: StepContext, log_probs: torch.Tensor, lengths: torch.Tensor
-) -> Tuple[torch.Tensor, Stats]:
+def ctc_loss_and_stats(ctx: StepContext, log_probs: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, Stats]:
     """CTC loss of ``log_probs`` [B, T, V+1] against the batch's transcripts, with WER stats when asked.
 
     Uses the model's own NeMo ``CTCLoss`` and ``WER`` metric (``ctx.env``), so every head is measured the same way.
@@ -79,8 +78,16 @@ class InterCTCHead(Objective):
         selfcond: Linear(V+1 -> D) for self-conditioning, or None.
     """
 
-    def __init__(self, name, weight, warmup_steps, block: int, decoder: Optional[torch.nn.Module], selfcond,
-                 every_n_steps: int = 1):
+    def __init__(
+        self,
+        name,
+        weight,
+        warmup_steps,
+        block: int,
+        decoder: Optional[torch.nn.Module],
+        selfcond,
+        every_n_steps: int = 1,
+    ):
         super().__init__(name, weight, warmup_steps, capture_blocks=[block], every_n_steps=every_n_steps)
         self.block = block
         self.decoder = decoder
@@ -148,6 +155,15 @@ def build_interctc(cfg: InterCTCConfig, env: ObjectiveEnv, key: str) -> List[Obj
         if not cfg.shared_decoder:
             decoder = ConvASRDecoder(feat_in=env.encoded_width, num_classes=V, vocabulary=list(env.vocabulary))
         selfcond = torch.nn.Linear(V + 1, env.encoder.d_model) if cfg.self_conditioning else None
-        terms.append(InterCTCHead(f"interctc_l{k}", cfg.weight * w, cfg.warmup_steps, k, decoder, selfcond,
-                                  every_n_steps=cfg.every_n_steps))
+        terms.append(
+            InterCTCHead(
+                f"interctc_l{k}",
+                cfg.weight * w,
+                cfg.warmup_steps,
+                k,
+                decoder,
+                selfcond,
+                every_n_steps=cfg.every_n_steps,
+            )
+        )
     return terms

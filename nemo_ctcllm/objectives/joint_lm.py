@@ -2,6 +2,7 @@
 
 The maths, the YAML block and the cost: docs/objectives.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,16 @@ def sinusoid_positions(length: int, width: int, device) -> torch.Tensor:
 class JointLM(Objective):
     """Token cross entropy of a transformer decoder that attends to the encoder output (docs/objectives.md)."""
 
-    def __init__(self, name: str, weight: float, warmup_steps: int, width: int, vocab_size: int,
-                 block: "JointLMConfig", every_n_steps: int = 1):
+    def __init__(
+        self,
+        name: str,
+        weight: float,
+        warmup_steps: int,
+        width: int,
+        vocab_size: int,
+        block: "JointLMConfig",
+        every_n_steps: int = 1,
+    ):
         super().__init__(name, weight, warmup_steps, every_n_steps=every_n_steps)
         self.vocab_size = vocab_size
         self.bos_id = vocab_size
@@ -38,8 +47,12 @@ class JointLM(Objective):
         self.width = width
         self.embed = torch.nn.Embedding(vocab_size + 2, width)
         layer = torch.nn.TransformerDecoderLayer(
-            d_model=width, nhead=block.heads, dim_feedforward=block.ffn_mult * width, dropout=block.dropout,
-            batch_first=True, norm_first=True,
+            d_model=width,
+            nhead=block.heads,
+            dim_feedforward=block.ffn_mult * width,
+            dropout=block.dropout,
+            batch_first=True,
+            norm_first=True,
         )
         self.decoder = torch.nn.TransformerDecoder(layer, num_layers=block.layers, norm=torch.nn.LayerNorm(width))
         self.out = torch.nn.Linear(width, vocab_size + 2)
@@ -67,8 +80,12 @@ class JointLM(Objective):
         memory = encoded.transpose(1, 2)  # [B, T, D]
         causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=x.device), diagonal=1)  # True = masked
         h = self.decoder(
-            x, memory, tgt_mask=causal, tgt_key_padding_mask=~mask,
-            memory_key_padding_mask=~length_mask(encoded_len, memory.shape[1]), tgt_is_causal=True,
+            x,
+            memory,
+            tgt_mask=causal,
+            tgt_key_padding_mask=~mask,
+            memory_key_padding_mask=~length_mask(encoded_len, memory.shape[1]),
+            tgt_is_causal=True,
         )  # [B, L, D]
         logits = self.out(h)  # [B, L, V+2]
         nll = F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(~mask, -100), reduction="none")  # [B, L]

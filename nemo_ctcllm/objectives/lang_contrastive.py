@@ -7,6 +7,7 @@ the queries) while megatron's backward needs one output gradient per TP group.
 
 The maths, the YAML block and the cost: docs/objectives.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from nemo_ctcllm.llm.tp import gather_llm_inputs, mean_grad_over_tp, pad_rows
-from nemo_ctcllm.objectives.base import ObjectiveEnv, StepContext, Stats, register_objective
+from nemo_ctcllm.objectives.base import ObjectiveEnv, Stats, StepContext, register_objective
 from nemo_ctcllm.objectives.shared.bridge import BridgeConfig, SoftHypothesis, SoftText
 from nemo_ctcllm.objectives.shared.contrastive import ContrastiveConfig, TwoTowerInfoNCE
 from nemo_ctcllm.objectives.shared.tensors import transcripts
@@ -43,10 +44,30 @@ def pooled_soft_hidden(host, soft: SoftText) -> Tensor:
 class LangContrastive(TwoTowerInfoNCE):
     """The two-tower InfoNCE between the LLM-pooled soft CTC hypothesis and the LLM-pooled reference."""
 
-    def __init__(self, name, weight, warmup_steps, reader: SoftHypothesis, d_llm: int, dim: int, cache_text: bool,
-                 init_temperature: float, every_n_steps: int = 1):
-        super().__init__(name, weight, warmup_steps, d_llm, d_llm, dim, cache_text, init_temperature,
-                         every_n_steps=every_n_steps, capture_blocks=[reader.head_block] if reader.head_block else [])
+    def __init__(
+        self,
+        name,
+        weight,
+        warmup_steps,
+        reader: SoftHypothesis,
+        d_llm: int,
+        dim: int,
+        cache_text: bool,
+        init_temperature: float,
+        every_n_steps: int = 1,
+    ):
+        super().__init__(
+            name,
+            weight,
+            warmup_steps,
+            d_llm,
+            d_llm,
+            dim,
+            cache_text,
+            init_temperature,
+            every_n_steps=every_n_steps,
+            capture_blocks=[reader.head_block] if reader.head_block else [],
+        )
         self.reader = reader
 
     def forward(self, ctx: StepContext) -> Tuple[Tensor, Stats]:
@@ -64,6 +85,14 @@ class LangContrastiveConfig(BridgeConfig, ContrastiveConfig):
 
 @register_objective("lang_contrastive", LangContrastiveConfig)
 def build_lang_contrastive(cfg: LangContrastiveConfig, env: ObjectiveEnv, key: str) -> List[LangContrastive]:
-    return [LangContrastive("lang_contrastive", reader=cfg.reader(), d_llm=cfg.llm_hidden_size, dim=cfg.dim,
-                            cache_text=cfg.cache_text, init_temperature=float(cfg.init_temperature),
-                            **cfg.schedule())]
+    return [
+        LangContrastive(
+            "lang_contrastive",
+            reader=cfg.reader(),
+            d_llm=cfg.llm_hidden_size,
+            dim=cfg.dim,
+            cache_text=cfg.cache_text,
+            init_temperature=float(cfg.init_temperature),
+            **cfg.schedule(),
+        )
+    ]

@@ -9,6 +9,7 @@ table, and kept as a plain attribute (like ``clip``'s text cache): never in ``st
 
 The maths, the YAML block and the cost: docs/objectives.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,8 +50,9 @@ def hypothesis_clm(host, soft: SoftText, first_token: Tensor) -> Tensor:
     return host.forward_embeds(embeds, labels, lengths=lengths)[1]
 
 
-def llm_lm_loss(host, soft: SoftText, texts: Sequence[str], target: str, first_token: Tensor,
-                instruction: str = "") -> Tensor:
+def llm_lm_loss(
+    host, soft: SoftText, texts: Sequence[str], target: str, first_token: Tensor, instruction: str = ""
+) -> Tensor:
     """The loss of docs/objectives.md for a soft hypothesis (``target``: reference or hypothesis); a scalar,
     identical on every rank of the LLM's TP group."""
     if target == "reference":
@@ -63,10 +65,16 @@ class LLMLMLoss(Objective):
 
     tp_collective = True  # LLM (TP) and cross-rank gathers: runs on every rank, also with no row
 
-    def __init__(self, name, weight, warmup_steps, reader: SoftHypothesis, target: str, instruction: str,
-                 every_n_steps: int = 1):
-        super().__init__(name, weight, warmup_steps, capture_blocks=[reader.head_block] if reader.head_block else [],
-                         every_n_steps=every_n_steps)
+    def __init__(
+        self, name, weight, warmup_steps, reader: SoftHypothesis, target: str, instruction: str, every_n_steps: int = 1
+    ):
+        super().__init__(
+            name,
+            weight,
+            warmup_steps,
+            capture_blocks=[reader.head_block] if reader.head_block else [],
+            every_n_steps=every_n_steps,
+        )
         self.reader = reader
         self.target = target
         self.instruction = instruction
@@ -94,5 +102,6 @@ class LLMLMLossConfig(BridgeConfig):
 
 @register_objective("llm_lm_loss", LLMLMLossConfig)
 def build_llm_lm_loss(cfg: LLMLMLossConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
-    return [LLMLMLoss("llm_lm_loss", reader=cfg.reader(), target=cfg.target, instruction=cfg.instruction,
-                      **cfg.schedule())]
+    return [
+        LLMLMLoss("llm_lm_loss", reader=cfg.reader(), target=cfg.target, instruction=cfg.instruction, **cfg.schedule())
+    ]

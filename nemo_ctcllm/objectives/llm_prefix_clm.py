@@ -14,6 +14,7 @@ in ``forward``.
 
 The maths, the YAML block and the cost: docs/objectives.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -69,8 +70,17 @@ class LlmPrefixCLM(Objective):
 
     tp_collective = True  # LLM (TP) and cross-rank gathers: runs on every rank, also with no row
 
-    def __init__(self, name, weight, warmup_steps, blocks: List[int], weights: List[float], connectors: nn.ModuleDict,
-                 instruction: str, every_n_steps: int = 1):
+    def __init__(
+        self,
+        name,
+        weight,
+        warmup_steps,
+        blocks: List[int],
+        weights: List[float],
+        connectors: nn.ModuleDict,
+        instruction: str,
+        every_n_steps: int = 1,
+    ):
         super().__init__(name, weight, warmup_steps, capture_blocks=blocks, every_n_steps=every_n_steps)
         self.blocks = list(blocks)
         self.block_weights = [float(w) for w in weights]
@@ -123,5 +133,13 @@ def build_llm_prefix_clm(cfg: LlmPrefixCLMConfig, env: ObjectiveEnv, key: str) -
     connectors = nn.ModuleDict(
         {str(k): Connector(env.encoded_width, cfg.stack, cfg.llm_hidden_size, cfg.connector) for k in cfg.blocks}
     )
-    return [LlmPrefixCLM("llm_prefix_clm", blocks=cfg.blocks, weights=cfg.weights, connectors=connectors,
-                         instruction=cfg.instruction, **cfg.schedule())]
+    return [
+        LlmPrefixCLM(
+            "llm_prefix_clm",
+            blocks=cfg.blocks,
+            weights=cfg.weights,
+            connectors=connectors,
+            instruction=cfg.instruction,
+            **cfg.schedule(),
+        )
+    ]

@@ -2,6 +2,7 @@
 
 The maths, the YAML block and the cost: docs/objectives.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ LOSSES = ("ctc", "margin", "both")
 RANKERS = ("llm", "acoustic")
 
 
-def pseudo_label_confidence(rank: Tensor, lengths: Tensor, best: Tensor, temperature: float,
-                            length_normalize: bool) -> Tensor:
+def pseudo_label_confidence(
+    rank: Tensor, lengths: Tensor, best: Tensor, temperature: float, length_normalize: bool
+) -> Tensor:
     """c = softmax_n(r_n / (T·L))[best] [B] (0 for a row without a valid hypothesis).
 
     rank [B, N] ranking scores (-inf where not valid), lengths [B, N] token counts, best [B] index of y*.
@@ -34,10 +36,23 @@ def pseudo_label_confidence(rank: Tensor, lengths: Tensor, best: Tensor, tempera
 class LlmPseudoLabel(Objective):
     """CTC (and/or margin) loss on the best-ranked clean-pass hypothesis (docs/objectives.md)."""
 
-    def __init__(self, name, weight, warmup_steps, settings: SearchSettings, loss: str, margin: float,
-                 confidence_threshold: float, labelled: bool, unlabelled: bool, every_n_steps: int = 1,
-                 ranker: str = "llm", source: str = "clean", confidence_temperature: float = 1.0,
-                 confidence_length_normalize: bool = True):
+    def __init__(
+        self,
+        name,
+        weight,
+        warmup_steps,
+        settings: SearchSettings,
+        loss: str,
+        margin: float,
+        confidence_threshold: float,
+        labelled: bool,
+        unlabelled: bool,
+        every_n_steps: int = 1,
+        ranker: str = "llm",
+        source: str = "clean",
+        confidence_temperature: float = 1.0,
+        confidence_length_normalize: bool = True,
+    ):
         super().__init__(name, weight, warmup_steps, every_n_steps=every_n_steps)
         self.settings = settings
         self.loss = loss
@@ -65,8 +80,9 @@ class LlmPseudoLabel(Objective):
         rank = hyps.teacher_combined(self.settings, self.settings.lm_weight if use_llm else 0.0)  # [B, N]
         best = rank.argmax(1)  # [B]
         top = hyps.teacher.masked_fill(~hyps.valid, float("-inf")).argmax(1)  # [B]
-        confidence = pseudo_label_confidence(rank, hyps.lengths, best, self.confidence_temperature,
-                                             self.confidence_length_normalize)
+        confidence = pseudo_label_confidence(
+            rank, hyps.lengths, best, self.confidence_temperature, self.confidence_length_normalize
+        )
         return hyps, best, confidence, top
 
     def forward(self, ctx: StepContext) -> Tuple[Optional[Tensor], Stats]:
@@ -123,8 +139,19 @@ class LlmPseudoLabelConfig(SearchConfig):
 def build_llm_pseudo_label(cfg: LlmPseudoLabelConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
     if cfg.ranker == "llm":
         require_llm(env, key)
-    return [LlmPseudoLabel("llm_pseudo_label", settings=SearchSettings.read(cfg, key), loss=cfg.loss,
-                           margin=float(cfg.margin), confidence_threshold=float(cfg.confidence_threshold),
-                           labelled=cfg.labelled, unlabelled=cfg.unlabelled, ranker=cfg.ranker, source=cfg.source,
-                           confidence_temperature=float(cfg.confidence_temperature),
-                           confidence_length_normalize=cfg.confidence_length_normalize, **cfg.schedule())]
+    return [
+        LlmPseudoLabel(
+            "llm_pseudo_label",
+            settings=SearchSettings.read(cfg, key),
+            loss=cfg.loss,
+            margin=float(cfg.margin),
+            confidence_threshold=float(cfg.confidence_threshold),
+            labelled=cfg.labelled,
+            unlabelled=cfg.unlabelled,
+            ranker=cfg.ranker,
+            source=cfg.source,
+            confidence_temperature=float(cfg.confidence_temperature),
+            confidence_length_normalize=cfg.confidence_length_normalize,
+            **cfg.schedule(),
+        )
+    ]

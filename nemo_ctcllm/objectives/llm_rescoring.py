@@ -2,6 +2,7 @@
 
 The maths, the YAML block and the cost: docs/objectives.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ class LlmRescoring(Objective):
 
     tp_collective = True
 
-    def __init__(self, name, weight, warmup_steps, settings: SearchSettings, normalize_risk: bool,
-                 every_n_steps: int = 1):
+    def __init__(
+        self, name, weight, warmup_steps, settings: SearchSettings, normalize_risk: bool, every_n_steps: int = 1
+    ):
         super().__init__(name, weight, warmup_steps, every_n_steps=every_n_steps)
         self.settings = settings
         self.normalize_risk = normalize_risk
@@ -61,5 +63,8 @@ class LlmRescoringConfig(SearchConfig):
 @register_objective("llm_rescoring", LlmRescoringConfig)
 def build_llm_rescoring(cfg: LlmRescoringConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
     require_llm(env, key)
-    return [LlmRescoring("llm_rescoring", settings=SearchSettings.read(cfg, key), normalize_risk=cfg.normalize_risk,
-                         **cfg.schedule())]
+    return [
+        LlmRescoring(
+            "llm_rescoring", settings=SearchSettings.read(cfg, key), normalize_risk=cfg.normalize_risk, **cfg.schedule()
+        )
+    ]

@@ -6,6 +6,7 @@ texts are scored without gradient; gradients reach the encoder through the CTC l
 
 The maths, the YAML block and the cost: docs/objectives.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,8 +69,18 @@ class LlmReward(Objective):
 
     tp_collective = True
 
-    def __init__(self, name, weight, warmup_steps, settings: SearchSettings, source: str, num_samples: int,
-                 baseline: str, error_weight: float, every_n_steps: int = 1):
+    def __init__(
+        self,
+        name,
+        weight,
+        warmup_steps,
+        settings: SearchSettings,
+        source: str,
+        num_samples: int,
+        baseline: str,
+        error_weight: float,
+        every_n_steps: int = 1,
+    ):
         super().__init__(name, weight, warmup_steps, every_n_steps=every_n_steps)
         self.settings = settings
         self.source = source
@@ -96,7 +107,7 @@ class LlmReward(Objective):
         tok = ctx.env.tokenizer
         flat = [tok.ids_to_text(row[:n]) for row, n in zip(ids.tolist(), id_len.tolist())]
         llm = llm_log_likelihood(ctx.env.llm(), flat, self.settings.llm_length_normalize)
-        texts = [flat[b * S: (b + 1) * S] for b in range(B)]
+        texts = [flat[b * S : (b + 1) * S] for b in range(B)]
         valid = torch.ones(B, S, dtype=torch.bool, device=path_lp.device)
         return path_lp, valid, texts, llm.view(B, S).to(path_lp)
 
@@ -143,6 +154,14 @@ class LlmRewardConfig(NBestConfig):
 @register_objective("llm_reward", LlmRewardConfig)
 def build_llm_reward(cfg: LlmRewardConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
     require_llm(env, key)
-    return [LlmReward("llm_reward", settings=SearchSettings.read(cfg, key), source=cfg.source,
-                      num_samples=cfg.num_samples, baseline=cfg.baseline, error_weight=float(cfg.error_weight),
-                      **cfg.schedule())]
+    return [
+        LlmReward(
+            "llm_reward",
+            settings=SearchSettings.read(cfg, key),
+            source=cfg.source,
+            num_samples=cfg.num_samples,
+            baseline=cfg.baseline,
+            error_weight=float(cfg.error_weight),
+            **cfg.schedule(),
+        )
+    ]

@@ -2,6 +2,7 @@
 
 The maths, the YAML block and the cost: docs/objectives.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,12 +30,17 @@ def load_mlm(model_dir: str):
 
 def frame_ids(tokenizer) -> List[int]:
     """[CLS], [SEP], [MASK], [PAD] ids of an MLM tokenizer (BOS / EOS where there is no CLS / SEP)."""
+
     def first(*ids):
         return next((i for i in ids if i is not None), 0)
 
     t = tokenizer
-    return [first(t.cls_token_id, t.bos_token_id), first(t.sep_token_id, t.eos_token_id), t.mask_token_id,
-            first(t.pad_token_id)]
+    return [
+        first(t.cls_token_id, t.bos_token_id),
+        first(t.sep_token_id, t.eos_token_id),
+        t.mask_token_id,
+        first(t.pad_token_id),
+    ]
 
 
 def draw_mask(lengths: Tensor, size: int, prob: float, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -74,7 +80,7 @@ def mlm_soft_label_loss(mlm, mlm_tokenizer, pmap: PieceMap, soft: SoftText, mask
     x = torch.cat([cls.expand(B, 1, -1), x, pad.expand(B, 1, -1)], 1)  # [B, N+2, E]
     x[torch.arange(B), lengths + 1] = sep  # [CLS] e_1..e_n [SEP] <pad>...
     attn = (torch.arange(N + 2, device=x.device)[None] < (lengths + 2)[:, None]).long()  # [B, N+2]
-    logits = mlm(inputs_embeds=x, attention_mask=attn).logits[:, 1: N + 1]  # [B, N, V_mlm]
+    logits = mlm(inputs_embeds=x, attention_mask=attn).logits[:, 1 : N + 1]  # [B, N, V_mlm]
     first = pmap.first_token.to(logits.device)  # [V]
     scores = logits[mask][:, first.clamp(min=0)].float()  # [M, V]: logit of each piece's first MLM token
     log_p = scores.masked_fill(~pmap.mappable.to(logits.device), float("-inf")).log_softmax(-1)  # [M, V]
@@ -88,10 +94,24 @@ def mlm_soft_label_loss(mlm, mlm_tokenizer, pmap: PieceMap, soft: SoftText, mask
 class MaskedLMObjective(Objective):
     """KL(CTC posteriors || MLM prediction) at masked positions of the soft CTC transcription (docs/objectives.md)."""
 
-    def __init__(self, name, weight, warmup_steps, reader: SoftHypothesis, model_dir: str, mask_prob: float,
-                 finetune: bool, every_n_steps: int = 1):
-        super().__init__(name, weight, warmup_steps, capture_blocks=[reader.head_block] if reader.head_block else [],
-                         every_n_steps=every_n_steps)
+    def __init__(
+        self,
+        name,
+        weight,
+        warmup_steps,
+        reader: SoftHypothesis,
+        model_dir: str,
+        mask_prob: float,
+        finetune: bool,
+        every_n_steps: int = 1,
+    ):
+        super().__init__(
+            name,
+            weight,
+            warmup_steps,
+            capture_blocks=[reader.head_block] if reader.head_block else [],
+            every_n_steps=every_n_steps,
+        )
         self.reader, self.model_dir, self.mask_prob, self.finetune = reader, model_dir, mask_prob, finetune
         self.mlm_tokenizer = None
         if finetune:
@@ -131,13 +151,23 @@ class MaskedLMConfig(BridgeConfig):
     def check(self, key: str, env: ObjectiveEnv) -> None:
         super().check(key, env)
         if not isinstance(self.model_dir, str) or not os.path.isfile(os.path.join(self.model_dir, "config.json")):
-            raise ConfigError(f"{key}.model_dir must be a local Hugging Face AutoModelForMaskedLM folder (with "
-                              f"config.json), e.g. the one scripts/train_mlm.py writes; got {self.model_dir!r}")
+            raise ConfigError(
+                f"{key}.model_dir must be a local Hugging Face AutoModelForMaskedLM folder (with "
+                f"config.json), e.g. the one scripts/train_mlm.py writes; got {self.model_dir!r}"
+            )
         check_number(self.mask_prob, f"{key}.mask_prob", 0.0, 1.0, low_open=True)
         check_bool(self.finetune, f"{key}.finetune")
 
 
 @register_objective("mlm", MaskedLMConfig)
 def build_mlm(cfg: MaskedLMConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
-    return [MaskedLMObjective("mlm", reader=cfg.reader(), model_dir=cfg.model_dir, mask_prob=float(cfg.mask_prob),
-                              finetune=cfg.finetune, **cfg.schedule())]
+    return [
+        MaskedLMObjective(
+            "mlm",
+            reader=cfg.reader(),
+            model_dir=cfg.model_dir,
+            mask_prob=float(cfg.mask_prob),
+            finetune=cfg.finetune,
+            **cfg.schedule(),
+        )
+    ]

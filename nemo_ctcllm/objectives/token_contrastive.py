@@ -9,6 +9,7 @@ the target therefore is the encoder without the conditioning.
 
 The maths, the YAML block and the cost: docs/objectives.md.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,9 +35,15 @@ def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     """
     clone = copy.deepcopy(module)
     for m in clone.modules():
-        for hooks in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                      "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-                      "_backward_pre_hooks"):
+        for hooks in (
+            "_forward_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+            "_forward_pre_hooks",
+            "_forward_pre_hooks_with_kwargs",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
             if hasattr(m, hooks):
                 getattr(m, hooks).clear()
         if isinstance(getattr(m, "_registry", None), dict):
@@ -84,8 +91,13 @@ def near_frames(utt: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tens
     return (utt[:, None] == utt[None, :]) & ((pos[:, None] - pos[None, :]).abs() <= window)
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, negatives: str = "cross_view",
-             exclude: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    temperature: float,
+    negatives: str = "cross_view",
+    exclude: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE of paired unit vectors a, b [N, P] (row i of a and b is a positive pair), with the negatives of
     ``negatives`` (docs/objectives.md). ``exclude`` [N, N] bool: pairs (i, j) that are never negatives of each
     other (the positive and the anchor itself are handled here).
@@ -122,8 +134,15 @@ def add_noise(signal: torch.Tensor, lengths: torch.Tensor, snr_db: float) -> tor
 class TokenContrastive(Objective):
     """SimCLR or BYOL between frame-aligned views of each utterance (docs/objectives.md)."""
 
-    def __init__(self, name: str, weight: float, warmup_steps: int, width: int, block: "TokenContrastiveConfig",
-                 every_n_steps: int = 1):
+    def __init__(
+        self,
+        name: str,
+        weight: float,
+        warmup_steps: int,
+        width: int,
+        block: "TokenContrastiveConfig",
+        every_n_steps: int = 1,
+    ):
         super().__init__(name, weight, warmup_steps, every_n_steps=every_n_steps)
         self.mode = block.mode
         self.temperature = float(block.temperature)
@@ -135,8 +154,10 @@ class TokenContrastive(Objective):
         self.augment = None
         if block.freq_masks + block.time_masks > 0:
             self.augment = SpectrogramAugmentation(
-                freq_masks=block.freq_masks, time_masks=block.time_masks,
-                freq_width=block.freq_width, time_width=block.time_width,
+                freq_masks=block.freq_masks,
+                time_masks=block.time_masks,
+                freq_width=block.freq_width,
+                time_width=block.time_width,
             )
         if self.mode == "byol":
             self.predictor = mlp(block.proj_dim, width, block.proj_dim)
@@ -174,8 +195,9 @@ class TokenContrastive(Objective):
         return feats, feats_len
 
     @staticmethod
-    def run_encoder(env: ObjectiveEnv, encoder: torch.nn.Module, feats: torch.Tensor, feats_len: torch.Tensor
-                    ) -> torch.Tensor:
+    def run_encoder(
+        env: ObjectiveEnv, encoder: torch.nn.Module, feats: torch.Tensor, feats_len: torch.Tensor
+    ) -> torch.Tensor:
         """An extra encoder pass with the model's capture off: feats [B, F, T'] -> encoded [B, D, T]."""
         with access_disabled(env.model_guid):
             encoded, _ = encoder(audio_signal=feats, length=feats_len)

@@ -50,6 +50,7 @@ bridge keeps the *segmentation* of the greedy decode (a discrete choice, made wi
    d e_n / d p_t(v) = (M[v] - e_n) / Z_n for t in S_n (``expected``), Z_n = the segment's unnormalised mass:
    raising a frame's posterior of piece v moves the segment's embedding towards M[v].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -184,8 +185,14 @@ class SoftText:
     lengths: Tensor
 
 
-def soft_embed(q: Tensor, matrix: Tensor, estimator: str, tau: float = 1.0, hard: bool = False,
-               generator: Optional[torch.Generator] = None) -> Tensor:
+def soft_embed(
+    q: Tensor,
+    matrix: Tensor,
+    estimator: str,
+    tau: float = 1.0,
+    hard: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
     """q [B, N, V] -> embeddings [B, N, E] by one of :data:`ESTIMATORS` (module docstring, 4)."""
     if estimator == "expected":
         weights = q
@@ -202,8 +209,15 @@ def soft_embed(q: Tensor, matrix: Tensor, estimator: str, tau: float = 1.0, hard
     return weights @ matrix.to(q)  # [B, N, E]
 
 
-def bridge(log_probs: Tensor, lengths: Tensor, pmap: PieceMap, estimator: str = "expected", tau: float = 1.0,
-           hard: bool = False, generator: Optional[torch.Generator] = None) -> SoftText:
+def bridge(
+    log_probs: Tensor,
+    lengths: Tensor,
+    pmap: PieceMap,
+    estimator: str = "expected",
+    tau: float = 1.0,
+    hard: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> SoftText:
     """CTC log-probs [B, T, V+1] (blank last), lengths [B] -> the soft hypothesis in the LM's input space."""
     pmap = pmap.to(log_probs.device)
     seg, tokens, n_seg = greedy_segments(log_probs, lengths, keep=pmap.mappable)
@@ -232,8 +246,10 @@ class BridgeConfig(ObjectiveConfig):
         check_bool(self.gumbel_hard, f"{key}.gumbel_hard")
         k, blocks = self.head_block, list(env.interctc_blocks)
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k not in blocks):
-            raise ConfigError(f"{key}.head_block must be null (the final CTC head) or one of the interctc blocks "
-                              f"{blocks} (model.objectives.interctc.blocks), got {k!r}")
+            raise ConfigError(
+                f"{key}.head_block must be null (the final CTC head) or one of the interctc blocks "
+                f"{blocks} (model.objectives.interctc.blocks), got {k!r}"
+            )
 
     def reader(self) -> "SoftHypothesis":
         return SoftHypothesis(self.head_block, self.estimator, float(self.gumbel_tau), self.gumbel_hard)
@@ -251,8 +267,9 @@ class SoftHypothesis:
         self.head_block, self.estimator, self.tau, self.hard = head_block, estimator, tau, hard
         self.pmap: Optional[PieceMap] = None
 
-    def __call__(self, ctx: StepContext, lm_tokenizer, embed: Callable[[Tensor], Tensor],
-                 training: bool = True) -> SoftText:
+    def __call__(
+        self, ctx: StepContext, lm_tokenizer, embed: Callable[[Tensor], Tensor], training: bool = True
+    ) -> SoftText:
         """The soft hypothesis of ``ctx``. Out of training (validation) ``gumbel`` draws no noise: it becomes
         ``expected`` (``straight_through`` with ``gumbel_hard``), so that validation losses are deterministic."""
         if self.pmap is None:

@@ -1,4 +1,5 @@
 """Checks of block values that several objectives share (encoder blocks and their weights, the LLM)."""
+
 from __future__ import annotations
 
 from typing import List, Optional

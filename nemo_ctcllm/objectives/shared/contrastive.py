@@ -21,6 +21,7 @@ first gathered within the TP group, so every TP rank asks the LLM for the same (
 them: the caches stay identical across the group and the LLM is either called by every rank of the group or by
 none.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,19 @@ class TwoTowerInfoNCE(Objective):
 
     tp_collective = True  # LLM (TP) and cross-rank gathers: runs on every rank, also with no row
 
-    def __init__(self, name, weight, warmup_steps, d_query: int, d_text: int, dim: int, cache_text: bool,
-                 init_temperature: float, every_n_steps: int = 1, capture_blocks=None):
+    def __init__(
+        self,
+        name,
+        weight,
+        warmup_steps,
+        d_query: int,
+        d_text: int,
+        dim: int,
+        cache_text: bool,
+        init_temperature: float,
+        every_n_steps: int = 1,
+        capture_blocks=None,
+    ):
         super().__init__(name, weight, warmup_steps, capture_blocks=capture_blocks, every_n_steps=every_n_steps)
         self.audio_proj = nn.Linear(d_query, dim)
         self.text_proj = nn.Linear(d_text, dim)

@@ -23,6 +23,7 @@ et al. 2020, arXiv 1911.04252; Park et al. 2020, arXiv 2005.09629: labels from t
 student trained on the augmented one). ``Hypotheses.teacher`` holds the acoustic scores of the pass the N-best
 came from (no grad), ``Hypotheses.acoustic`` those of the training pass (with grad); equal in eval mode.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,8 +88,6 @@ class SearchSettings:
         )
 
 
-
-
 @dataclass
 class Hypotheses:
     """N-best of a batch. ids [B, N, L], lengths [B, N], valid [B, N] bool, texts [B][N] ('' if not valid),
@@ -132,8 +131,7 @@ def clean_log_probs(ctx: StepContext) -> Tensor:
         return ctx.log_probs.detach()
     if "clean_log_probs" not in ctx.cache:
         env = ctx.env
-        with torch.no_grad(), eval_mode(env.preprocessor, env.encoder, env.final_head), \
-                access_disabled(env.model_guid):
+        with torch.no_grad(), eval_mode(env.preprocessor, env.encoder, env.final_head), access_disabled(env.model_guid):
             feats, feats_len = env.preprocessor(input_signal=ctx.signal, length=ctx.signal_len)  # [B, F, T']
             encoded, encoded_len = env.encoder(audio_signal=feats, length=feats_len)  # [B, D, T], [B]
             log_probs = env.final_head(encoder_output=encoded)  # [B, T, V+1]
@@ -157,8 +155,9 @@ def hypotheses(ctx: StepContext, s: SearchSettings, source: str = "train", with_
         valid = nb.valid  # [B, N]
         tok = ctx.env.tokenizer
         ids, lens = nb.ids.tolist(), nb.lengths.tolist()
-        texts = [[tok.ids_to_text(ids[b][n][: lens[b][n]]) if valid[b, n] else "" for n in range(s.nbest)]
-                 for b in range(B)]
+        texts = [
+            [tok.ids_to_text(ids[b][n][: lens[b][n]]) if valid[b, n] else "" for n in range(s.nbest)] for b in range(B)
+        ]
         acoustic = sequence_log_probs(lp, lengths, nb.ids, nb.lengths) if B else lp.new_zeros(0, s.nbest)
         acoustic = torch.where(valid, acoustic, 0.0)  # [B, N]
         if source == "train" or not ctx.training or not B:  # searched in the training pass itself
@@ -178,8 +177,9 @@ def hypotheses(ctx: StepContext, s: SearchSettings, source: str = "train", with_
 def word_errors(hyp_texts: Sequence[Sequence[str]], refs: Sequence[str]) -> Tuple[Tensor, Tensor]:
     """Word edit distance of each hypothesis to its reference [B, N] and reference word counts [B] (float)."""
     n = len(hyp_texts[0]) if len(hyp_texts) else 0
-    errors = torch.tensor([[float(edit_distance(r.split(), h.split())["total"]) for h in row]
-                           for row, r in zip(hyp_texts, refs)]).view(len(refs), n)
+    errors = torch.tensor(
+        [[float(edit_distance(r.split(), h.split())["total"]) for h in row] for row, r in zip(hyp_texts, refs)]
+    ).view(len(refs), n)
     return errors, torch.tensor([float(len(r.split())) for r in refs])
 
 

@@ -1,5 +1,6 @@
 """Extra passes of the model's own modules inside a training step (token_contrastive's view B, the clean pass of
 the hypothesis-side objectives): the capture registry switched off, modules in eval mode where asked."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -13,6 +13,7 @@ Tensor parallelism: the transcripts (whose vocab-parallel embedding lookup is it
 the prompts, labels and lengths are all-gathered within the LLM's TP group (:mod:`nemo_ctcllm.llm.tp`), so
 every TP rank runs the LLM on the same concatenated batch and gets back the gradient of its own prompts.
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence
@@ -48,10 +49,10 @@ def build_sequences(host, prompt: Tensor, prompt_len: Tensor, texts: Sequence[st
     rows: List[Tensor] = []
     labels: List[Tensor] = []
     for b, (P, U) in enumerate(zip(prompt_len.tolist(), text_len.tolist())):
-        seq = torch.cat([head[:1], prompt[b, :P], head[1: 1 + n_instr], text_emb[b, :U]])  # [1+P+I+U, H]
+        seq = torch.cat([head[:1], prompt[b, :P], head[1 : 1 + n_instr], text_emb[b, :U]])  # [1+P+I+U, H]
         lab = torch.full((seq.shape[0],), IGNORE_INDEX, dtype=torch.long, device=prompt.device)  # [1+P+I+U]
         start = 1 + P + n_instr  # position of the first transcript token; it is predicted at start-1
-        lab[start - 1: start - 1 + U] = text_ids[b, :U]
+        lab[start - 1 : start - 1 + U] = text_ids[b, :U]
         rows.append(seq)
         labels.append(lab)
     lengths = torch.tensor([r.shape[0] for r in rows], device=prompt.device, dtype=torch.long)  # [b]

@@ -3,6 +3,7 @@
 The ASR vocabulary (SentencePiece) is not the LLM's, so text crosses over as *text*: the batch's target
 ids are detokenized with the ASR tokenizer and re-tokenized by the consumer.
 """
+
 from __future__ import annotations
 
 from typing import List, Tuple, Union
