@@ -129,45 +129,36 @@ def asr_batch(model, texts, lengths=(16000, 12800, 9600, 11200), seed: int = 0):
     return signal, torch.tensor(lengths), targets, torch.tensor([len(r) for r in ids])
 
 
-def launch(mode: str, checkpoint, out_dir, nproc: int = 2, timeout: int = 300, worker=None) -> list:
-    """Run this worker (or ``worker``, a script with the same command line) under torchrun; returns the
-    per-rank result dicts."""
+def torchrun(script, args, nproc: int, timeout: int):
+    """Run ``script args...`` in ``nproc`` processes under torchrun on a free local port, one thread each, the
+    repository root on PYTHONPATH; fails with the processes' output unless every one exits 0."""
     import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    tests = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
     }
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        str(Path(worker or __file__).resolve()),
-        "--mode",
-        mode,
-        "--out",
-        str(out_dir),
-        str(checkpoint),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=tests.parent, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc)]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port), str(Path(script).resolve()), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def launch(mode: str, checkpoint, out_dir, nproc: int = 2, timeout: int = 300, worker=None) -> list:
+    """Run this worker (or ``worker``, a script with the same command line) under torchrun; returns the
+    per-rank result dicts."""
+    from pathlib import Path
+
+    torchrun(worker or __file__, ["--mode", mode, "--out", out_dir, checkpoint], nproc, timeout)
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
 

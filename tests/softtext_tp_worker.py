@@ -15,14 +15,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is first imported (in main)
 
-TEXTS = [
-    "the cat sat on the mat",
-    "a dog ran far away from the cat",
-    "hello world",
-    "speech to text is fun",
-    "the dog sat",
-    "hello cat",
-]
+from obj_tp_worker import TEXTS  # the tests' shared transcripts (this folder is on sys.path: it holds the script)
 
 
 def softtext_inputs(rank: int, num_pieces: int, b=None):

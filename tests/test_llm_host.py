@@ -12,9 +12,6 @@
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +19,11 @@ import torch
 from conftest import LLM_CORPUS as CORPUS
 from conftest import make_tiny_llama
 from llm_tp_worker import check_host_layout, probe_inputs, run_probe
+from obj_tp_worker import torchrun
 
 from nemo_ctcllm.llm import LLMCheckpointError, LLMHost, apply_cpu_patches, convert
 
 TESTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TESTS_DIR.parent
 
 TINY_VARIANTS = {
     "gqa_untied": dict(num_key_value_heads=2, tie_word_embeddings=False),
@@ -405,35 +402,7 @@ def test_error_world_size_not_divisible(tiny_ckpts):
 
 
 def _torchrun(nproc: int, checkpoints, out: Path, timeout: int, *flags: str):
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        str(TESTS_DIR / "llm_tp_worker.py"),
-        "--out",
-        str(out),
-        *flags,
-        *map(str, checkpoints),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    torchrun(TESTS_DIR / "llm_tp_worker.py", ["--out", out, *flags, *checkpoints], nproc, timeout)
     return torch.load(out, weights_only=True)
 
 
