@@ -437,3 +437,19 @@ def test_tp3_smollm2_matches_tp1(smollm2_dir, tmp_path):
     _skip_without_gpus(3)
     results = _torchrun(3, [smollm2_dir], tmp_path / "tp3.pt", 600)
     _assert_same_as_tp1(results, [smollm2_dir], tp=3, atol=1e-4)
+
+
+def test_single_process_group_ignores_an_inherited_master_port():
+    """A script run by a process that holds a process group inherits MASTER_PORT, which that parent is still
+    listening on: the host's own world-size-1 group must take a fresh port instead of failing with EADDRINUSE."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(busy.getsockname()[1]))
+        code = "from nemo_ctcllm.llm.host import init_single_process_distributed as f; f(); print('group ok')"
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "group ok" in proc.stdout, proc.stderr[-3000:]

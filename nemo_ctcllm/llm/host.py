@@ -87,9 +87,9 @@ def init_single_process_distributed() -> None:
     """
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    dist.init_process_group(backend="gloo", rank=0, world_size=1)
+    # an explicit fresh port, not MASTER_ADDR/MASTER_PORT: a child process (a script a test or a pipeline runs)
+    # inherits those from a parent whose own group may still be listening on that port
+    dist.init_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
 
 
 def init_model_parallel(tp_size: int) -> None:
