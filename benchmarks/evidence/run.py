@@ -1,0 +1,717 @@
+#!/usr/bin/env python
+"""The evidence benchmark (issue 22): how much of the decode-time LLM gain can each objective move into the
+LLM-free greedy model, fine-tuning a converged base on a domain of words it has not heard?
+
+    python -m benchmarks.evidence.run base   --work W      # demo corpus, tokenizer, base training, base.json
+    python -m benchmarks.evidence.run domain --work W      # the target domain (benchmarks/evidence/domain.py)
+    python -m benchmarks.evidence.run arm    --work W --arms control,self_train --seeds 0,1,2,3,4   # dev only
+    python -m benchmarks.evidence.run test   --work W --arms control,self_train   # test, once per final arm
+    python -m benchmarks.evidence.run report --work W      # tables and plots -> docs/RESULTS.md
+    python -m benchmarks.evidence.run quick  --work W      # every stage on a tiny corpus and model (~3 min)
+
+Every stage is resumable: training resumes from its last checkpoint (exp_manager), a finished arm or score is
+skipped. Each arm fine-tunes the base's training ``.nemo`` (``init_from_nemo_model``; the same bytes for every
+arm, its sha256 in base.json) for the same number of steps with the same per-seed data order (the recipe's
+deterministic loader); an arm's result file holds its dev WER (for every choice) and, after ``test``, its test
+scores. Semi-supervised arms train on the adaptation set plus as much unlabelled audio, in batches twice as long,
+so that every step sees the control's amount of labelled audio plus unlabelled audio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from benchmarks.ablation import (
+    REPO,
+    dev_curve,
+    git_commit,
+    on,
+    portable_command,
+    sitting_id,
+    train_step_seconds,
+    write_section,
+)
+
+CONFIG = "conformer_ctc_llm_demo"
+TOKENIZER = "tokenizers/tokenizer_spe_bpe_v128"  # under --work
+LLM_DEFAULT = os.path.join(REPO, "artifacts", "llm", "smollm2-135m")
+RESCORE = {"nbest": 8, "llm_weight": 0.5}  # the reference row's decoder: the setting section 6 chose on demo dev
+
+# The base: the demo architecture on the 10,000-utterance corpus until dev WER stalls for 3 validations or
+# ~1 hour (a cosine over MAX_STEPS, sized to end near the time limit on 2 cores).
+BASE = {
+    "train_utterances": 10000,
+    "max_steps": 8400,
+    "max_time": "00:01:02:00",
+    "patience": 3,
+}
+# Fine-tuning: the same for every arm (chosen on dev with the control; see docs/RESULTS.md section 12).
+FINETUNE = {"steps": 240, "lr": 1e-3, "warmup": 24, "batch_duration": 24}
+
+
+@dataclass
+class Arm:
+    name: str
+    overrides: List[str]
+    semi: bool = False  # trains on adapt + unlabelled audio
+    llm: bool = False  # reads model.llm.checkpoint
+    note: str = ""
+    extra: List[str] = field(default_factory=list)
+
+
+def _pl(ranker: str) -> List[str]:
+    return on("llm_pseudo_label", weight=0.3, ranker=ranker, labelled="false", unlabelled="true", nbest=8)
+
+
+ARMS: Dict[str, Arm] = {
+    a.name: a
+    for a in [
+        Arm("control", [], note="final + intermediate CTC on the labelled adaptation set"),
+        Arm("self_train", _pl("acoustic"), semi=True, note="greedy self-training: top acoustic hypothesis, no LLM"),
+        Arm("llm_pseudo_label", _pl("llm"), semi=True, llm=True, note="LLM-ranked N-best as the pseudo-label"),
+        Arm("llm_rescoring", on("llm_rescoring", weight=0.5, nbest=4), llm=True, note="MWER under LLM rescoring"),
+        Arm("clip", on("clip", weight=0.1), llm=True, note="utterance-level contrastive to the LLM's text"),
+        Arm("lang_contrastive", on("lang_contrastive", weight=0.1), llm=True, note="soft hypothesis vs text"),
+        Arm("llm_lm_loss", on("llm_lm_loss", weight=0.1), llm=True, note="LLM loss of the soft hypothesis"),
+        Arm("joint_lm", on("joint_lm", weight=0.3), note="a small LM head on the encoder (no LLM)"),
+    ]
+}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)  # a killed stage never leaves half a result
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _train(cmd: Sequence[str], exp_dir: str, threads: Optional[int]) -> float:
+    """Run scripts/train.py (appending to <exp_dir>/train.log); returns the wall seconds; raises on failure."""
+    os.makedirs(exp_dir, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    start = time.time()
+    with open(os.path.join(exp_dir, "train.log"), "a") as out:
+        proc = subprocess.run(list(cmd), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed (exit {proc.returncode}); see {os.path.join(exp_dir, 'train.log')}")
+    return time.time() - start
+
+
+def _checkpoint(exp_dir: str, name: str) -> str:
+    found = glob.glob(os.path.join(exp_dir, name, "checkpoints", f"{name}.nemo"))
+    if not found:
+        raise RuntimeError(f"no {name}.nemo under {exp_dir}")
+    return found[0]
+
+
+class Paths:
+    """Where each stage reads and writes under --work (and the result files under --results)."""
+
+    def __init__(self, work: str, results: str):
+        self.work, self.results = os.path.abspath(work), os.path.abspath(results)
+        self.corpus = os.path.join(self.work, "demo_data")
+        self.tokenizer = os.path.join(self.work, TOKENIZER)
+        self.base_exp = os.path.join(self.work, "base")
+        self.base_nemo = os.path.join(self.work, "base.nemo")
+        self.domain = os.path.join(self.work, "domain")
+        self.base_json = os.path.join(self.results, "base.json")
+        self.domain_json = os.path.join(self.results, "domain.json")
+
+    def manifest(self, split: str) -> str:
+        return os.path.join(self.domain, f"{split}_manifest.json")
+
+    def arm_exp(self, arm: str, seed: int) -> str:
+        return os.path.join(self.work, "arms", f"{arm}_s{seed}")
+
+    def arm_json(self, arm: str, seed: int) -> str:
+        return os.path.join(self.results, f"{arm}_s{seed}.json")
+
+
+# ----------------------------------------------------------------------------------------------- base
+
+
+def stop_reason(log_text: str) -> str:
+    """Which criterion ended the base's training, from Lightning's messages in its log."""
+    if "did not improve in the last" in log_text:
+        return "early stopping: dev WER did not improve for the patience's validations"
+    if "Time limit reached" in log_text:
+        return "time limit"
+    if "`max_steps=" in log_text and "` reached." in log_text:
+        return "max_steps (the cosine schedule's end)"
+    return "unknown (see the training log)"
+
+
+def base_stage(p: Paths, base: dict, extra: Sequence[str] = (), threads: Optional[int] = None, log=print) -> dict:
+    """Corpus, tokenizer and base model (each skipped when present); writes base.json."""
+    if not os.path.isfile(os.path.join(p.corpus, "params.json")):
+        from demo.corpus import make_demo_corpus
+
+        make_demo_corpus(p.corpus, num_train=base["train_utterances"], seed=0, relative_paths=True)
+    if not os.path.isfile(os.path.join(p.tokenizer, "tokenizer.model")):
+        from nemo_ctcllm.data.tokenizer import build_bpe_tokenizer
+
+        build_bpe_tokenizer([os.path.join(p.corpus, "train_manifest.json")], os.path.dirname(p.tokenizer), 128)
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "train.py"),
+        f"--config-name={CONFIG}",
+        f"demo_dir={p.corpus}",
+        "seed=0",
+        "name=base",
+        f"model.tokenizer.dir={p.tokenizer}",
+        f"trainer.max_time={base['max_time']}",
+        f"trainer.max_steps={base['max_steps']}",
+        f"exp_manager.exp_dir={p.base_exp}",
+        "+exp_manager.create_early_stopping_callback=true",
+        "+exp_manager.early_stopping_callback_params.monitor=val_wer",
+        f"+exp_manager.early_stopping_callback_params.patience={base['patience']}",
+        *extra,
+    ]
+    if not os.path.isfile(p.base_nemo):
+        wall = _train(cmd, p.base_exp, threads)
+        shutil.copyfile(_checkpoint(p.base_exp, "base"), p.base_nemo)
+        log(f"base trained in {wall / 60:.1f} min (this sitting)")
+    curve = dev_curve(p.base_exp)
+    with open(os.path.join(p.base_exp, "train.log"), errors="replace") as f:
+        text = f.read()
+    logged = re.findall(r"global step (\d+)", text)  # the checkpoint callback's lines
+    steps = int(logged[-1]) if logged else (int(curve[-1][0]) if curve else 0)
+    result = {
+        "command": portable_command(cmd, p.work),
+        "commit": git_commit(),
+        "sha256": _sha256(p.base_nemo),
+        "bytes": os.path.getsize(p.base_nemo),
+        "dev_curve": curve,
+        "best_dev_wer": min(v for _, v in curve) if curve else None,
+        "steps": steps,
+        "stopped_by": stop_reason(text),
+        "settings": base,
+    }
+    if os.path.isfile(p.base_json) and "domain_dev" in _read_json(p.base_json):  # written by base_dev_score
+        result["domain_dev"] = _read_json(p.base_json)["domain_dev"]
+    _write_json(p.base_json, result)
+    return result
+
+
+def domain_stage(p: Paths, sizes: Optional[dict] = None, min_unseen: float = 0.25) -> dict:
+    """The target domain from the base corpus (skipped when complete); writes domain.json."""
+    from benchmarks.evidence.domain import DEFAULT_SIZES, base_from_manifests, build_domain
+    from demo.corpus import SPLITS
+
+    if not os.path.isfile(os.path.join(p.domain, "params.json")):
+        paths = [os.path.join(p.corpus, f"{s}_manifest.json") for s in SPLITS]
+        base = base_from_manifests(paths[0], [x for x in paths[1:] if os.path.isfile(x)])
+        build_domain(p.domain, base, sizes or DEFAULT_SIZES, min_unseen, progress=sys.stdout.isatty())
+    stats = _read_json(os.path.join(p.domain, "stats.json"))
+    _write_json(p.domain_json, stats)
+    return stats
+
+
+def semi_manifest(p: Paths) -> str:
+    """adapt + the same number of unlabelled lines (the first ones), for the semi-supervised arms."""
+    path = os.path.join(p.domain, "semi_manifest.json")
+    if not os.path.isfile(path):
+        with open(p.manifest("adapt"), encoding="utf-8") as f:
+            adapt = [line for line in f if line.strip()]
+        with open(p.manifest("unlabelled"), encoding="utf-8") as f:
+            unlabelled = [line for line in f if line.strip()][: len(adapt)]
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(adapt + unlabelled)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- arms
+
+
+def arm_command(p: Paths, arm: Arm, seed: int, finetune: dict, llm: str, extra: Sequence[str]) -> List[str]:
+    batch = finetune["batch_duration"] * (2 if arm.semi else 1)
+    return [
+        sys.executable,
+        os.path.join(REPO, "scripts", "train.py"),
+        f"--config-name={CONFIG}",
+        f"demo_dir={p.corpus}",
+        f"seed={seed}",
+        f"name={arm.name}",
+        f"init_from_nemo_model={p.base_nemo}",
+        f"model.tokenizer.dir={p.tokenizer}",
+        f"model.train_ds.manifest_filepath={semi_manifest(p) if arm.semi else p.manifest('adapt')}",
+        f"model.train_ds.batch_duration={batch}",
+        f"model.validation_ds.manifest_filepath={p.manifest('dev')}",
+        "trainer.max_time=null",
+        f"trainer.max_steps={finetune['steps']}",
+        f"model.optim.lr={finetune['lr']}",
+        f"model.optim.sched.warmup_steps={finetune['warmup']}",
+        f"exp_manager.exp_dir={p.arm_exp(arm.name, seed)}",
+        "exp_manager.checkpoint_callback_params.save_top_k=1",
+        *([f"model.llm.checkpoint={llm}"] if arm.llm else []),
+        *extra,
+        *arm.overrides,
+    ]
+
+
+def _score(model, manifest: str, out: str, seen: set, llm_host=None) -> dict:
+    """Greedy WER/CER (+ unseen/seen word recall) of ``model`` on ``manifest``; with ``llm_host`` also the N-best
+    LLM-rescored decoding (the reference row)."""
+    from benchmarks.evidence.stats import word_recall
+    from nemo_ctcllm.evaluate import evaluate, normalize_text
+
+    kw = dict(llm_host=llm_host, **RESCORE) if llm_host is not None else {}
+    result = evaluate(model, manifest, out_path=out, **kw)
+    with open(out, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    refs = [normalize_text(r["text"]) for r in rows]
+    result["word_recall"] = word_recall(refs, [normalize_text(r["pred_text"]) for r in rows], seen)
+    if llm_host is not None:
+        rescored = [normalize_text(r["pred_text_llm"]) for r in rows]
+        result["llm_rescored"]["word_recall"] = word_recall(refs, rescored, seen)
+    return result
+
+
+def base_vocabulary(p: Paths) -> set:
+    from benchmarks.evidence.stats import vocabulary
+    from nemo_ctcllm.evaluate import normalize_text
+
+    with open(os.path.join(p.corpus, "train_manifest.json"), encoding="utf-8") as f:
+        return vocabulary(normalize_text(json.loads(line)["text"]) for line in f if line.strip())
+
+
+def arm_stage(
+    p: Paths,
+    arm: Arm,
+    seed: int,
+    finetune: dict,
+    llm: str,
+    extra: Sequence[str] = (),
+    threads: Optional[int] = None,
+    log=print,
+) -> dict:
+    """Fine-tune, export and score on dev one arm and seed (skipped when its result exists)."""
+    from nemo.collections.asr.models import ASRModel
+
+    from nemo_ctcllm.export import export_for_inference
+
+    path = p.arm_json(arm.name, seed)
+    if os.path.isfile(path):
+        return _read_json(path)
+    if not os.path.isfile(p.base_nemo):
+        raise RuntimeError(f"no base model at {p.base_nemo}: run the base stage first")
+    exp = p.arm_exp(arm.name, seed)
+    cmd = arm_command(p, arm, seed, finetune, llm, extra)
+    commit = git_commit()
+    wall = _train(cmd, exp, threads)
+    infer = os.path.join(exp, "inference.nemo")
+    export_for_inference(_checkpoint(exp, arm.name), infer)
+    model = ASRModel.restore_from(infer, map_location="cpu")
+    dev = _score(model, p.manifest("dev"), os.path.join(exp, "dev.predictions.jsonl"), base_vocabulary(p))
+    log(f"{arm.name} s{seed}: dev WER {100 * dev['wer']:.2f}")
+    result = {
+        "arm": arm.name,
+        "seed": seed,
+        "note": arm.note,
+        "semi_supervised": arm.semi,
+        "overrides": arm.overrides,
+        "finetune": finetune,
+        "command": portable_command(cmd, p.work),
+        "commit": commit,
+        "sitting": sitting_id(),
+        "threads": threads,
+        "wall_s_last_sitting": round(wall, 1),
+        "train_step_s_mean": train_step_seconds(exp),
+        "dev_curve": dev_curve(exp),
+        "base_sha256": _sha256(p.base_nemo),
+        "metrics": {"dev": dev},
+    }
+    _write_json(path, result)
+    return result
+
+
+def test_stage(p: Paths, arm: str, seed: int, llm: Optional[str], log=print) -> dict:
+    """Score a finished arm on both test splits (once: skipped when present). The control is also decoded with
+    N-best LLM rescoring on dev and test: the reference row."""
+    from nemo.collections.asr.models import ASRModel
+
+    path = p.arm_json(arm, seed)
+    result = _read_json(path)
+    if all(s in result["metrics"] for s in ("test_seen", "test_unseen")):
+        return result
+    host = None
+    if arm == "control" and llm:
+        from nemo_ctcllm.llm import LLMHost
+
+        host = LLMHost(llm, tp_size=1)
+    exp = p.arm_exp(arm, seed)
+    model = ASRModel.restore_from(os.path.join(exp, "inference.nemo"), map_location="cpu")
+    seen = base_vocabulary(p)
+    splits = ("dev", "test_seen", "test_unseen") if host is not None else ("test_seen", "test_unseen")
+    for split in splits:
+        out = os.path.join(exp, f"{split}.predictions.jsonl")
+        result["metrics"][split] = _score(model, p.manifest(split), out, seen, llm_host=host)
+        log(f"{arm} s{seed} {split}: WER {100 * result['metrics'][split]['wer']:.2f}")
+    _write_json(path, result)
+    return result
+
+
+def base_dev_score(p: Paths) -> dict:
+    """The base itself (no fine-tuning) on the domain's dev set: how far the domain is from what it knows."""
+    from nemo.collections.asr.models import ASRModel
+
+    from nemo_ctcllm.export import export_for_inference
+
+    base = _read_json(p.base_json)
+    if "domain_dev" not in base:
+        infer = os.path.join(p.work, "base_inference.nemo")
+        export_for_inference(p.base_nemo, infer)
+        model = ASRModel.restore_from(infer, map_location="cpu")
+        out = os.path.join(p.work, "base_dev.predictions.jsonl")
+        base["domain_dev"] = _score(model, p.manifest("dev"), out, base_vocabulary(p))
+        _write_json(p.base_json, base)
+    return base
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def load_results(results: str) -> Dict[str, Dict[int, dict]]:
+    """{arm: {seed: result}} of every arm result file under ``results``."""
+    out: Dict[str, Dict[int, dict]] = {}
+    for path in sorted(glob.glob(os.path.join(results, "*_s*.json"))):
+        r = _read_json(path)
+        out.setdefault(r["arm"], {})[r["seed"]] = r
+    return out
+
+
+def _wers(runs: Dict[int, dict], split: str, key: Optional[str] = None) -> Dict[int, float]:
+    """{seed: WER in %} of the runs scored on ``split`` (``key="llm_rescored"``: the rescored decoding)."""
+    out = {}
+    for seed, r in runs.items():
+        m = r["metrics"].get(split)
+        if m is not None and (key is None or key in m):
+            out[seed] = 100 * (m[key]["wer"] if key else m["wer"])
+    return out
+
+
+def _recall(runs: Dict[int, dict], split: str, key: Optional[str] = None) -> Optional[float]:
+    vals = []
+    for r in runs.values():
+        m = r["metrics"].get(split)
+        if m is not None and (key is None or key in m):
+            vals.append((m[key] if key else m)["word_recall"]["unseen"]["recall"])
+    vals = [v for v in vals if v is not None]
+    return 100 * sum(vals) / len(vals) if vals else None
+
+
+def _cost_ratio(control: Dict[int, dict], runs: Dict[int, dict]) -> Optional[float]:
+    """Mean over common seeds of the arm's mean logged step time over the control's (same sitting only)."""
+    ratios = [
+        runs[s]["train_step_s_mean"] / control[s]["train_step_s_mean"]
+        for s in set(control) & set(runs)
+        if runs[s].get("train_step_s_mean")
+        and control[s].get("train_step_s_mean")
+        and runs[s].get("sitting") == control[s].get("sitting")
+    ]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def dev_table(results: Dict[str, Dict[int, dict]]) -> str:
+    """Every arm on dev, paired against the control: where every choice is made."""
+    from benchmarks.evidence.stats import paired_summary
+
+    control = _wers(results["control"], "dev")
+    lines = [
+        "| arm | seeds | dev WER % | vs control (points), 95 % CI | relative, 95 % CI | step cost × control |",
+        "|---|---|---|---|---|---|",
+        f"| control | {len(control)} | {sum(control.values()) / len(control):.2f} | — | — | 1.00 |",
+    ]
+    for arm in sorted(a for a in results if a != "control"):
+        wers = _wers(results[arm], "dev")
+        if not set(wers) & set(control):
+            continue
+        s = paired_summary(control, wers)
+        lines.append(
+            f"| {arm} | {len(s.seeds)} | {s.control_mean + s.mean:.2f} | {_ci(s)} |"
+            f" {_cost(_cost_ratio(results['control'], results[arm]))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _ci(s) -> str:
+    if s.ci_low is None:
+        return f"{s.mean:+.2f} (1 seed) | {100 * s.relative:+.1f} %"
+    return (
+        f"{s.mean:+.2f} [{s.ci_low:+.2f}, {s.ci_high:+.2f}] | "
+        f"{100 * s.relative:+.1f} % [{100 * s.relative_ci_low:+.1f}, {100 * s.relative_ci_high:+.1f}]"
+    )
+
+
+def _cost(ratio: Optional[float]) -> str:
+    return "—" if ratio is None else f"{ratio:.2f}"
+
+
+def test_table(results: Dict[str, Dict[int, dict]]) -> str:
+    """The final arms on test (seen and unseen voices): paired differences, LLM gain captured, unseen recall."""
+    from benchmarks.evidence.stats import llm_gain_captured, paired_summary
+
+    ctrl = results["control"]
+    lines = [
+        "| arm | voices | seeds | test WER % | vs control (points), 95 % CI | relative, 95 % CI |"
+        " LLM gain captured | unseen-word recall % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for split, voices in (("test_seen", "seen"), ("test_unseen", "unseen")):
+        control = _wers(ctrl, split)
+        rescored = _wers(ctrl, split, "llm_rescored")
+        if not control:
+            continue
+        c_mean = sum(control.values()) / len(control)
+        lines.append(
+            f"| control | {voices} | {len(control)} | {c_mean:.2f} | — | — | 0 | {_fmt(_recall(ctrl, split))} |"
+        )
+        if rescored:
+            r_mean = sum(rescored.values()) / len(rescored)
+            s = paired_summary(control, rescored)
+            lines.append(
+                f"| control + LLM rescoring (N={RESCORE['nbest']}, λ={RESCORE['llm_weight']}; reference) | {voices} |"
+                f" {len(rescored)} | {r_mean:.2f} | {_ci(s)} | 1 | {_fmt(_recall(ctrl, split, 'llm_rescored'))} |"
+            )
+        for arm in sorted(a for a in results if a != "control"):
+            wers = _wers(results[arm], split)
+            if not set(wers) & set(control):
+                continue
+            s = paired_summary(control, wers)
+            common = sorted(set(wers) & set(control) & set(rescored))
+            gain = "—"
+            if common:
+                c = sum(control[k] for k in common) / len(common)
+                a = sum(wers[k] for k in common) / len(common)
+                rr = sum(rescored[k] for k in common) / len(common)
+                gain = f"{llm_gain_captured(c, a, rr):+.2f}" if c > rr else "— (no gain to capture)"
+            lines.append(
+                f"| {arm} | {voices} | {len(s.seeds)} | {s.control_mean + s.mean:.2f} | {_ci(s)} | {gain} |"
+                f" {_fmt(_recall(results[arm], split))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def plots(results: Dict[str, Dict[int, dict]], out_dir: str, prefix: str = "evidence") -> List[str]:
+    """Paired differences with 95 % CIs (dev, and test where scored) and unseen-word recall per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.evidence.stats import paired_summary
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    splits = [s for s in ("dev", "test_seen", "test_unseen") if _wers(results["control"], s)]
+    arms = sorted(a for a in results if a != "control")
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 0.45 * len(arms) + 1.8), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        control = _wers(results["control"], split)
+        rows = [(a, _wers(results[a], split)) for a in arms]
+        rows = [(a, paired_summary(control, w)) for a, w in rows if set(w) & set(control)]
+        rescored = _wers(results["control"], split, "llm_rescored")
+        if rescored:
+            rows.append(("control + LLM rescoring", paired_summary(control, rescored)))
+        for i, (name, s) in enumerate(rows):
+            lo = s.ci_low if s.ci_low is not None else s.mean
+            hi = s.ci_high if s.ci_high is not None else s.mean
+            ax.errorbar(
+                [s.mean],
+                [i],
+                xerr=[[s.mean - lo], [hi - s.mean]],
+                fmt="o",
+                capsize=3,
+                color="tab:gray" if "rescoring" in name else "tab:blue",
+            )
+            ax.annotate(f"n={len(s.seeds)}", (s.mean, i), textcoords="offset points", xytext=(4, 5), fontsize=7)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=8)
+        ax.set_xlabel(f"{split} WER − control (points)")
+        ax.set_title(split, fontsize=9)
+    fig.suptitle("Paired differences to the control, 95 % CI (one seed: no bar)", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{prefix}_paired.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    split = "test_seen" if _wers(results["control"], "test_seen") else "dev"
+    names, seen, unseen = [], [], []
+    for arm in ["control", *arms]:
+        rs = [r["metrics"][split]["word_recall"] for r in results[arm].values() if split in r["metrics"]]
+        if rs:
+            names.append(arm)
+            unseen.append(100 * sum(r["unseen"]["recall"] or 0 for r in rs) / len(rs))
+            seen.append(100 * sum(r["seen"]["recall"] or 0 for r in rs) / len(rs))
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 3.2))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], seen, 0.4, label="words the base heard in training")
+    ax.bar([i + 0.2 for i in x], unseen, 0.4, label="words it never heard")
+    ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"word recall on {split} (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{prefix}_recall.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def report(p: Paths, report_path: str, plot_dir: str, name: str = "evidence") -> str:
+    """Build the generated part of the report from the result files; returns its text."""
+    results = load_results(p.results)
+    if "control" not in results:
+        raise RuntimeError(f"no control result under {p.results}: run the arm stage for 'control' first")
+    base = _read_json(p.base_json)
+    domain = _read_json(p.domain_json)
+    rel = os.path.relpath(plot_dir, os.path.dirname(os.path.abspath(report_path)))
+    written = plots(results, plot_dir, prefix=name)
+    curve = ", ".join(f"{100 * v:.1f}" for _, v in base["dev_curve"])
+    dd = base.get("domain_dev")
+    unseen = {k: 100 * v["unseen_word_token_rate"] for k, v in domain["splits"].items()}
+    text = [
+        f"**Base** (`{base['command']}`): {base['steps']:,} steps, stopped by {base['stopped_by']}; demo dev WER at"
+        f" each validation: {curve} %; sha256 `{base['sha256'][:16]}…`."
+        + (f" On the target domain's dev set, before any fine-tuning: WER {100 * dd['wer']:.2f} %." if dd else ""),
+        "",
+        "**Target domain**: unseen-word-token rate (words absent from the base's training transcripts) "
+        + ", ".join(f"{k} {v:.1f} %" for k, v in unseen.items())
+        + ".",
+        "",
+        "**Dev** (every choice was made here):",
+        "",
+        dev_table(results),
+    ]
+    if any(_wers(r, "test_seen") for r in results.values()):
+        text += ["**Test** (scored once per final configuration):", "", test_table(results)]
+    text += [" ".join(f"![{os.path.basename(w)}]({rel}/{os.path.basename(w)})" for w in written), ""]
+    body = "\n".join(text)
+    write_section(report_path, body, "### Evidence tables (generated by `benchmarks/evidence/run.py report`)\n", name)
+    return body
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+QUICK_MODEL = [
+    "model.encoder.n_layers=4",
+    "model.encoder.d_model=32",
+    "model.encoder.n_heads=2",
+    "model.train_ds.num_workers=0",
+    "trainer.log_every_n_steps=1",
+    "model.log_prediction=false",
+    "trainer.enable_progress_bar=false",
+]
+QUICK_BASE = {"train_utterances": 24, "max_steps": 6, "max_time": "00:00:10:00", "patience": 3}
+QUICK_FINETUNE = {"steps": 3, "lr": 1e-3, "warmup": 1, "batch_duration": 12}
+QUICK_DOMAIN = {"test": 4, "dev": 4, "adapt": 6, "unlabelled": 6}
+QUICK_RUNS = [("control", (0, 1)), ("self_train", (0, 1)), ("llm_pseudo_label", (0,))]
+
+
+def quick(p: Paths, llm: str, log=print) -> str:
+    """Every stage on a tiny corpus and model: checks the pipeline end to end, not the objectives."""
+    from demo.corpus import load_sentences, make_demo_corpus
+    from nemo_ctcllm.data.tokenizer import build_bpe_tokenizer_from_texts
+
+    if not os.path.isfile(os.path.join(p.corpus, "params.json")):
+        make_demo_corpus(
+            p.corpus,
+            num_train=24,
+            num_dev=6,
+            num_test=4,
+            num_test_unseen_engine=2,
+            seed=0,
+            workers=2,
+            progress=False,
+            relative_paths=True,
+        )
+    build_bpe_tokenizer_from_texts(load_sentences(), os.path.dirname(p.tokenizer), 128)
+    base_stage(p, QUICK_BASE, [*QUICK_MODEL, "model.train_ds.batch_duration=12"], log=log)
+    domain_stage(p, QUICK_DOMAIN)
+    base_dev_score(p)
+    for arm, seeds in QUICK_RUNS:
+        for seed in seeds:
+            arm_stage(p, ARMS[arm], seed, QUICK_FINETUNE, llm, QUICK_MODEL, log=log)
+            test_stage(p, arm, seed, llm, log=log)
+    return report(p, os.path.join(p.work, "report.md"), os.path.join(p.work, "plots"))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["base", "domain", "arm", "test", "report", "quick"])
+    ap.add_argument("--work", required=True, help="models, corpora and experiment folders (outside the repository)")
+    ap.add_argument("--results", help="result files (default: docs/results/evidence; quick: <work>/results)")
+    ap.add_argument("--arms", default="control", help=f"comma-separated, from {sorted(ARMS)}")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds")
+    ap.add_argument("--llm", default=LLM_DEFAULT, help="the LLM folder (default: the prepared SmolLM2)")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each training (two at once: 1)")
+    ap.add_argument("override", nargs="*", help="extra Hydra overrides for every arm's training")
+    args = ap.parse_args(argv)
+    results = args.results or (
+        os.path.join(args.work, "results")
+        if args.stage == "quick"
+        else os.path.join(REPO, "docs", "results", "evidence")
+    )
+    p = Paths(args.work, results)
+    if args.stage == "quick":
+        print(quick(p, args.llm))
+        return
+    if args.stage == "base":
+        print(json.dumps({k: v for k, v in base_stage(p, BASE, threads=args.threads).items() if k != "dev_curve"}))
+        return
+    if args.stage == "domain":
+        print(json.dumps(domain_stage(p)["splits"], indent=1))
+        return
+    if args.stage == "report":
+        print(report(p, os.path.join(REPO, "docs", "RESULTS.md"), os.path.join(REPO, "docs", "results")))
+        return
+    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    if unknown:
+        ap.error(f"--arms: unknown arm(s) {unknown}; known: {sorted(ARMS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.stage == "arm":
+        base_dev_score(p)  # once: the base on the domain's dev set, before any fine-tuning
+    for arm in args.arms.split(","):
+        for seed in seeds:
+            if args.stage == "arm":
+                arm_stage(p, ARMS[arm], seed, FINETUNE, args.llm, args.override, threads=args.threads)
+            else:
+                test_stage(p, arm, seed, args.llm)
+
+
+if __name__ == "__main__":
+    main()

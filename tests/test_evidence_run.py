@@ -1,0 +1,94 @@
+"""The evidence benchmark's runner (benchmarks/evidence/run.py): its quick mode end to end (tiny corpus, base,
+domain, arms with two seeds, test scoring with the LLM-rescored reference, report and plots), and the pieces a
+reader of its tables relies on (which criterion stopped the base, the semi-supervised manifest, the arm command)."""
+
+import json
+import os
+
+import pytest
+
+from benchmarks.evidence import run
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory, tiny_bpe_llm):
+    work = tmp_path_factory.mktemp("evidence")
+    run.main(["quick", "--work", str(work), "--llm", tiny_bpe_llm])
+    return work
+
+
+def test_quick_runs_every_stage_and_reports_paired_intervals(quick):
+    results = quick / "results"
+    base = json.loads((results / "base.json").read_text())
+    assert len(base["sha256"]) == 64 and base["bytes"] > 0
+    assert base["steps"] > 0 and base["stopped_by"].startswith("max_steps")  # 6 steps, far below the time limit
+    assert "domain_dev" in base and 0 <= base["domain_dev"]["wer"]
+
+    arms = run.load_results(str(results))
+    assert {a: sorted(s) for a, s in arms.items()} == {"control": [0, 1], "self_train": [0, 1], "llm_pseudo_label": [0]}
+    for seeds in arms.values():
+        for r in seeds.values():
+            assert set(r["metrics"]) >= {"dev", "test_seen", "test_unseen"}
+            assert r["base_sha256"] == base["sha256"]  # every arm starts from the same bytes
+            recall = r["metrics"]["test_seen"]["word_recall"]
+            assert recall["unseen"]["tokens"] + recall["seen"]["tokens"] > 0
+            assert "<work>/" in r["command"] and str(quick) not in r["command"]  # no machine path in results
+    # the reference row: only the control is decoded with the LLM, on dev and both test sets
+    assert all("llm_rescored" in arms["control"][0]["metrics"][s] for s in ("dev", "test_seen", "test_unseen"))
+    assert "llm_rescored" not in arms["self_train"][0]["metrics"]["test_seen"]
+    assert "llm_pseudo_label" in " ".join(arms["llm_pseudo_label"][0]["overrides"])
+
+    report = (quick / "report.md").read_text()
+    assert "<!-- evidence:begin -->" in report and "**Dev**" in report and "**Test**" in report
+    dev_rows = [line for line in report.splitlines() if line.startswith("| self_train |")]
+    assert len(dev_rows) == 3  # dev, test seen, test unseen
+    assert all("[" in row for row in dev_rows)  # two seeds: an interval
+    assert "(1 seed)" in next(line for line in report.splitlines() if line.startswith("| llm_pseudo_label |"))
+    assert "control + LLM rescoring" in report
+    for name in ("evidence_paired.png", "evidence_recall.png"):
+        assert (quick / "plots" / name).stat().st_size > 1000 and f"plots/{name}" in report
+
+
+def test_a_finished_arm_is_not_trained_again(quick):
+    p = run.Paths(str(quick), str(quick / "results"))
+    before = os.path.getmtime(p.arm_json("control", 0))
+    again = run.arm_stage(p, run.ARMS["control"], 0, run.QUICK_FINETUNE, "unused", run.QUICK_MODEL)
+    assert again["seed"] == 0 and os.path.getmtime(p.arm_json("control", 0)) == before
+
+
+def test_semi_manifest_pairs_each_labelled_line_with_an_unlabelled_one(quick):
+    p = run.Paths(str(quick), str(quick / "results"))
+    rows = [json.loads(line) for line in open(run.semi_manifest(p))]
+    labelled = [r for r in rows if "text" in r]
+    assert len(labelled) == len(rows) - len(labelled) == run.QUICK_DOMAIN["adapt"]
+
+
+def test_arm_command_fixes_everything_but_the_objective(tmp_path):
+    p = run.Paths(str(tmp_path), str(tmp_path / "results"))
+    (tmp_path / "domain").mkdir()
+    for split in ("adapt", "unlabelled"):
+        (tmp_path / "domain" / f"{split}_manifest.json").write_text('{"audio_filepath": "a.wav", "duration": 1}\n')
+    control = run.arm_command(p, run.ARMS["control"], 3, run.FINETUNE, "LLM", [])
+    pl = run.arm_command(p, run.ARMS["llm_pseudo_label"], 3, run.FINETUNE, "LLM", [])
+    keys = lambda cmd: dict(a.split("=", 1) for a in cmd[2:] if "=" in a)  # noqa: E731
+    c, s = keys(control), keys(pl)
+    same = ["seed", "init_from_nemo_model", "trainer.max_steps", "model.optim.lr"]
+    same.append("model.validation_ds.manifest_filepath")
+    assert all(c[k] == s[k] for k in same)
+    assert c["seed"] == "3" and "model.llm.checkpoint" not in c and s["model.llm.checkpoint"] == "LLM"
+    # semi-supervised: twice the batch, half of it labelled -> the control's labelled audio per step
+    assert float(s["model.train_ds.batch_duration"]) == 2 * float(c["model.train_ds.batch_duration"])
+    assert s["model.train_ds.manifest_filepath"].endswith("semi_manifest.json")
+
+
+@pytest.mark.parametrize(
+    "log, expected",
+    [
+        ("Monitored metric val_wer did not improve in the last 3 records. Best score: 0.300.", "early stopping"),
+        ("Time limit reached. Elapsed time is 1:02:00. Signaling Trainer to stop.", "time limit"),
+        ("`Trainer.fit` stopped: `max_steps=8400` reached.", "max_steps"),
+        ("Epoch 3, global step 100: 'val_wer' reached 0.5", "unknown"),  # 'reached' alone is not a stop
+    ],
+)
+def test_stop_reason_names_the_criterion(log, expected):
+    assert run.stop_reason(log).startswith(expected)
