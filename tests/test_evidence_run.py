@@ -25,7 +25,7 @@ def test_quick_runs_every_stage_and_reports_paired_intervals(quick):
     assert "domain_dev" in base and 0 <= base["domain_dev"]["wer"]
 
     arms = run.load_results(str(results))
-    assert {a: sorted(s) for a, s in arms.items()} == {"control": [0, 1], "self_train": [0, 1], "llm_pseudo_label": [0]}
+    assert {a: sorted(s) for a, s in arms.items()} == {"control": [0, 1], "pl_greedy": [0, 1], "pl_llm": [0]}
     for seeds in arms.values():
         for r in seeds.values():
             assert set(r["metrics"]) >= {"dev", "test_seen", "test_unseen"}
@@ -35,15 +35,17 @@ def test_quick_runs_every_stage_and_reports_paired_intervals(quick):
             assert "<work>/" in r["command"] and str(quick) not in r["command"]  # no machine path in results
     # the reference row: only the control is decoded with the LLM, on dev and both test sets
     assert all("llm_rescored" in arms["control"][0]["metrics"][s] for s in ("dev", "test_seen", "test_unseen"))
-    assert "llm_rescored" not in arms["self_train"][0]["metrics"]["test_seen"]
-    assert "llm_pseudo_label" in " ".join(arms["llm_pseudo_label"][0]["overrides"])
+    assert "llm_rescored" not in arms["pl_greedy"][0]["metrics"]["test_seen"]
+    assert arms["pl_llm"][0]["data"] == "pl_llm" and "pl_llm_manifest.json" in arms["pl_llm"][0]["command"]
+    labels = json.loads((results / "labels.json").read_text())
+    assert labels["pl_greedy"]["kept"] + labels["pl_llm"]["kept"] > 0 and 0 <= labels["pl_llm"]["label_wer"]
 
     report = (quick / "report.md").read_text()
     assert "<!-- evidence:begin -->" in report and "**Dev**" in report and "**Test**" in report
-    dev_rows = [line for line in report.splitlines() if line.startswith("| self_train |")]
+    dev_rows = [line for line in report.splitlines() if line.startswith("| pl_greedy |")]
     assert len(dev_rows) == 3  # dev, test seen, test unseen
     assert all("[" in row for row in dev_rows)  # two seeds: an interval
-    assert "(1 seed)" in next(line for line in report.splitlines() if line.startswith("| llm_pseudo_label |"))
+    assert "(1 seed)" in next(line for line in report.splitlines() if line.startswith("| pl_llm |"))
     assert "control + LLM rescoring" in report
     for name in ("evidence_paired.png", "evidence_recall.png"):
         assert (quick / "plots" / name).stat().st_size > 1000 and f"plots/{name}" in report
@@ -56,11 +58,17 @@ def test_a_finished_arm_is_not_trained_again(quick):
     assert again["seed"] == 0 and os.path.getmtime(p.arm_json("control", 0)) == before
 
 
-def test_semi_manifest_pairs_each_labelled_line_with_an_unlabelled_one(quick):
+def test_semi_manifests_pair_each_labelled_line_with_an_unlabelled_one(quick):
     p = run.Paths(str(quick), str(quick / "results"))
     rows = [json.loads(line) for line in open(run.semi_manifest(p))]
     labelled = [r for r in rows if "text" in r]
     assert len(labelled) == len(rows) - len(labelled) == run.QUICK_DOMAIN["adapt"]
+    for kind in ("pl_greedy", "pl_llm"):  # adapt + the same audio with the base's labels (empty ones dropped)
+        rows = [json.loads(line) for line in open(p.pl_manifest(kind))]
+        human = [r for r in rows if "pseudo_label" not in r]
+        assert len(human) == run.QUICK_DOMAIN["adapt"] and all(r["text"] for r in rows)
+        audio = {r["audio_filepath"] for r in rows if r.get("pseudo_label") == kind}
+        assert audio <= {r["audio_filepath"] for r in map(json.loads, open(p.manifest("unlabelled")))}
 
 
 def test_arm_command_fixes_everything_but_the_objective(tmp_path):

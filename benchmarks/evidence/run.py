@@ -4,8 +4,9 @@ LLM-free greedy model, fine-tuning a converged base on a domain of words it has 
 
     python -m benchmarks.evidence.run base   --work W      # demo corpus, tokenizer, base training, base.json
     python -m benchmarks.evidence.run domain --work W      # the target domain (benchmarks/evidence/domain.py)
-    python -m benchmarks.evidence.run arm    --work W --arms control,self_train --seeds 0,1,2,3,4   # dev only
-    python -m benchmarks.evidence.run test   --work W --arms control,self_train   # test, once per final arm
+    python -m benchmarks.evidence.run label  --work W      # the unlabelled audio labelled once by the base
+    python -m benchmarks.evidence.run arm    --work W --arms control,pl_greedy --seeds 0,1,2,3,4   # dev only
+    python -m benchmarks.evidence.run test   --work W --arms control,pl_greedy --seeds 0,1   # test, once per final arm
     python -m benchmarks.evidence.run report --work W      # tables and plots -> docs/RESULTS.md
     python -m benchmarks.evidence.run quick  --work W      # every stage on a tiny corpus and model (~3 min)
 
@@ -29,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from benchmarks.ablation import (
@@ -44,6 +45,7 @@ from benchmarks.ablation import (
 )
 
 CONFIG = "conformer_ctc_llm_demo"
+BASE_NAME = "Conformer-CTC-LLM-demo"  # the demo config's name: the base's experiment folder
 TOKENIZER = "tokenizers/tokenizer_spe_bpe_v128"  # under --work
 LLM_DEFAULT = os.path.join(REPO, "artifacts", "llm", "smollm2-135m")
 RESCORE = {"nbest": 8, "llm_weight": 0.5}  # the reference row's decoder: the setting section 6 chose on demo dev
@@ -64,10 +66,9 @@ FINETUNE = {"steps": 240, "lr": 1e-3, "warmup": 24, "batch_duration": 24}
 class Arm:
     name: str
     overrides: List[str]
-    semi: bool = False  # trains on adapt + unlabelled audio
+    data: str = "adapt"  # adapt | semi (adapt + unlabelled audio) | pl_greedy / pl_llm (adapt + offline labels)
     llm: bool = False  # reads model.llm.checkpoint
     note: str = ""
-    extra: List[str] = field(default_factory=list)
 
 
 def _pl(ranker: str) -> List[str]:
@@ -78,8 +79,13 @@ ARMS: Dict[str, Arm] = {
     a.name: a
     for a in [
         Arm("control", [], note="final + intermediate CTC on the labelled adaptation set"),
-        Arm("self_train", _pl("acoustic"), semi=True, note="greedy self-training: top acoustic hypothesis, no LLM"),
-        Arm("llm_pseudo_label", _pl("llm"), semi=True, llm=True, note="LLM-ranked N-best as the pseudo-label"),
+        # semi-supervised, offline: the unlabelled audio labelled once by the base (label stage), then plain
+        # fine-tuning on adapt + those labels (Kahn et al. 2020's recipe, one round)
+        Arm("pl_greedy", [], data="pl_greedy", note="self-training: the base's greedy transcripts as labels"),
+        Arm("pl_llm", [], data="pl_llm", note="the base's N-best ranked with the LLM as labels"),
+        # semi-supervised, online (llm_pseudo_label): labels drawn every step from the model being trained
+        Arm("self_train", _pl("acoustic"), data="semi", note="online: top acoustic hypothesis, no LLM"),
+        Arm("llm_pseudo_label", _pl("llm"), data="semi", llm=True, note="online: LLM-ranked N-best"),
         Arm("llm_rescoring", on("llm_rescoring", weight=0.5, nbest=4), llm=True, note="MWER under LLM rescoring"),
         Arm("clip", on("clip", weight=0.1), llm=True, note="utterance-level contrastive to the LLM's text"),
         Arm("lang_contrastive", on("lang_contrastive", weight=0.1), llm=True, note="soft hypothesis vs text"),
@@ -151,6 +157,9 @@ class Paths:
     def arm_exp(self, arm: str, seed: int) -> str:
         return os.path.join(self.work, "arms", f"{arm}_s{seed}")
 
+    def pl_manifest(self, kind: str) -> str:
+        return os.path.join(self.domain, f"{kind}_manifest.json")
+
     def arm_json(self, arm: str, seed: int) -> str:
         return os.path.join(self.results, f"{arm}_s{seed}.json")
 
@@ -185,7 +194,6 @@ def base_stage(p: Paths, base: dict, extra: Sequence[str] = (), threads: Optiona
         f"--config-name={CONFIG}",
         f"demo_dir={p.corpus}",
         "seed=0",
-        "name=base",
         f"model.tokenizer.dir={p.tokenizer}",
         f"trainer.max_time={base['max_time']}",
         f"trainer.max_steps={base['max_steps']}",
@@ -197,7 +205,7 @@ def base_stage(p: Paths, base: dict, extra: Sequence[str] = (), threads: Optiona
     ]
     if not os.path.isfile(p.base_nemo):
         wall = _train(cmd, p.base_exp, threads)
-        shutil.copyfile(_checkpoint(p.base_exp, "base"), p.base_nemo)
+        shutil.copyfile(_checkpoint(p.base_exp, BASE_NAME), p.base_nemo)
         log(f"base trained in {wall / 60:.1f} min (this sitting)")
     curve = dev_curve(p.base_exp)
     with open(os.path.join(p.base_exp, "train.log"), errors="replace") as f:
@@ -249,11 +257,69 @@ def semi_manifest(p: Paths) -> str:
     return path
 
 
+def label_stage(p: Paths, llm: str, nbest: int = RESCORE["nbest"], log=print) -> dict:
+    """Label the unlabelled audio of the semi-supervised arms (the first len(adapt) lines) once with the base:
+    its greedy transcript (self-training) and its N-best ranked a + λ·l with the LLM (the reference row's
+    decoder). Writes pl_greedy_manifest.json and pl_llm_manifest.json (adapt + the labelled lines; an empty
+    label is dropped) and labels.json: each labelling's WER against the sentences the audio speaks (held out of
+    every manifest; used only here, to measure the labels) and its time."""
+    from nemo.collections.asr.models import ASRModel
+
+    from nemo_ctcllm.decoding.llm_rerank import rescore_manifest
+    from nemo_ctcllm.evaluate import normalize_text, score, transcribe_manifest
+    from nemo_ctcllm.llm import LLMHost
+
+    out = os.path.join(p.results, "labels.json")
+    if os.path.isfile(out) and all(os.path.isfile(p.pl_manifest(k)) for k in ("pl_greedy", "pl_llm")):
+        return _read_json(out)
+    base_dev_score(p)  # exports the base (base_inference.nemo)
+    with open(p.manifest("adapt"), encoding="utf-8") as f:
+        adapt = [line for line in f if line.strip()]
+    unl = os.path.join(p.domain, "unlabelled_used_manifest.json")
+    with open(p.manifest("unlabelled"), encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()][: len(adapt)]
+    with open(unl, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    truth = _read_json(os.path.join(p.domain, "sentences.json"))["unlabelled"][: len(lines)]
+    model = ASRModel.restore_from(os.path.join(p.work, "base_inference.nemo"), map_location="cpu")
+    start = time.time()
+    greedy = [r["pred_text"] for r in transcribe_manifest(model, unl)]
+    t_greedy = time.time() - start
+    start = time.time()
+    ranked = rescore_manifest(model, LLMHost(llm, tp_size=1), unl, nbest, RESCORE["llm_weight"])
+    t_llm = time.time() - start
+    result = {"utterances": len(lines), "nbest": nbest, "llm_weight": RESCORE["llm_weight"]}
+    for kind, texts, seconds in (("pl_greedy", greedy, t_greedy), ("pl_llm", ranked, t_llm)):
+        rows = [{"text": normalize_text(t), "pred_text": h} for t, h in zip(truth, texts)]
+        kept = []
+        for line, text in zip(lines, texts):
+            if normalize_text(text):
+                kept.append(json.dumps({**json.loads(line), "text": normalize_text(text), "pseudo_label": kind}))
+        with open(p.pl_manifest(kind) + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(adapt + [k + "\n" for k in kept])
+        os.replace(p.pl_manifest(kind) + ".tmp", p.pl_manifest(kind))
+        s = score(rows)
+        result[kind] = {"label_wer": s["wer"], "label_cer": s["cer"], "kept": len(kept), "seconds": round(seconds, 1)}
+        log(f"{kind}: label WER {100 * s['wer']:.2f} %, {len(kept)} of {len(lines)} kept, {seconds:.0f} s")
+    _write_json(out, result)
+    return result
+
+
 # ----------------------------------------------------------------------------------------------- arms
 
 
 def arm_command(p: Paths, arm: Arm, seed: int, finetune: dict, llm: str, extra: Sequence[str]) -> List[str]:
-    batch = finetune["batch_duration"] * (2 if arm.semi else 1)
+    if arm.data == "adapt":
+        train = p.manifest("adapt")
+    elif arm.data == "semi":
+        train = semi_manifest(p)
+    else:
+        train = p.pl_manifest(arm.data)
+        if not os.path.isfile(train):
+            raise RuntimeError(f"arm {arm.name}: no {train}; run the label stage first")
+    # every arm but the control trains on half labelled, half (pseudo-)labelled-by-the-model audio: batches twice
+    # as long give every step the control's amount of human-labelled audio
+    batch = finetune["batch_duration"] * (1 if arm.data == "adapt" else 2)
     return [
         sys.executable,
         os.path.join(REPO, "scripts", "train.py"),
@@ -263,9 +329,10 @@ def arm_command(p: Paths, arm: Arm, seed: int, finetune: dict, llm: str, extra: 
         f"name={arm.name}",
         f"init_from_nemo_model={p.base_nemo}",
         f"model.tokenizer.dir={p.tokenizer}",
-        f"model.train_ds.manifest_filepath={semi_manifest(p) if arm.semi else p.manifest('adapt')}",
+        f"model.train_ds.manifest_filepath={train}",
         f"model.train_ds.batch_duration={batch}",
         f"model.validation_ds.manifest_filepath={p.manifest('dev')}",
+        "model.test_ds.manifest_filepath=null",  # scored here, after export
         "trainer.max_time=null",
         f"trainer.max_steps={finetune['steps']}",
         f"model.optim.lr={finetune['lr']}",
@@ -337,7 +404,7 @@ def arm_stage(
         "arm": arm.name,
         "seed": seed,
         "note": arm.note,
-        "semi_supervised": arm.semi,
+        "data": arm.data,
         "overrides": arm.overrides,
         "finetune": finetune,
         "command": portable_command(cmd, p.work),
@@ -639,7 +706,7 @@ QUICK_MODEL = [
 QUICK_BASE = {"train_utterances": 24, "max_steps": 6, "max_time": "00:00:10:00", "patience": 3}
 QUICK_FINETUNE = {"steps": 3, "lr": 1e-3, "warmup": 1, "batch_duration": 12}
 QUICK_DOMAIN = {"test": 4, "dev": 4, "adapt": 6, "unlabelled": 6}
-QUICK_RUNS = [("control", (0, 1)), ("self_train", (0, 1)), ("llm_pseudo_label", (0,))]
+QUICK_RUNS = [("control", (0, 1)), ("pl_greedy", (0, 1)), ("pl_llm", (0,))]
 
 
 def quick(p: Paths, llm: str, log=print) -> str:
@@ -662,7 +729,7 @@ def quick(p: Paths, llm: str, log=print) -> str:
     build_bpe_tokenizer_from_texts(load_sentences(), os.path.dirname(p.tokenizer), 128)
     base_stage(p, QUICK_BASE, [*QUICK_MODEL, "model.train_ds.batch_duration=12"], log=log)
     domain_stage(p, QUICK_DOMAIN)
-    base_dev_score(p)
+    label_stage(p, llm, log=log)
     for arm, seeds in QUICK_RUNS:
         for seed in seeds:
             arm_stage(p, ARMS[arm], seed, QUICK_FINETUNE, llm, QUICK_MODEL, log=log)
@@ -672,7 +739,7 @@ def quick(p: Paths, llm: str, log=print) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["base", "domain", "arm", "test", "report", "quick"])
+    ap.add_argument("stage", choices=["base", "domain", "label", "arm", "test", "report", "quick"])
     ap.add_argument("--work", required=True, help="models, corpora and experiment folders (outside the repository)")
     ap.add_argument("--results", help="result files (default: docs/results/evidence; quick: <work>/results)")
     ap.add_argument("--arms", default="control", help=f"comma-separated, from {sorted(ARMS)}")
@@ -695,6 +762,9 @@ def main(argv=None):
         return
     if args.stage == "domain":
         print(json.dumps(domain_stage(p)["splits"], indent=1))
+        return
+    if args.stage == "label":
+        print(json.dumps(label_stage(p, args.llm), indent=1))
         return
     if args.stage == "report":
         print(report(p, os.path.join(REPO, "docs", "RESULTS.md"), os.path.join(REPO, "docs", "results")))
