@@ -33,8 +33,10 @@ def test_quick_runs_every_stage_and_reports_paired_intervals(quick):
             recall = r["metrics"]["test_seen"]["word_recall"]
             assert recall["unseen"]["tokens"] + recall["seen"]["tokens"] > 0
             assert "<work>/" in r["command"] and str(quick) not in r["command"]  # no machine path in results
-    # the reference row: only the control is decoded with the LLM, on dev and both test sets
-    assert all("llm_rescored" in arms["control"][0]["metrics"][s] for s in ("dev", "test_seen", "test_unseen"))
+    # the reference row: only the control is decoded with the LLM, on both test sets
+    assert all("llm_rescored" in arms["control"][0]["metrics"][s] for s in ("test_seen", "test_unseen"))
+    with pytest.raises(ValueError, match="the control's"):
+        run.test_stage(run.Paths(str(quick), str(results)), "pl_greedy", 0, llm="LLM")
     assert "llm_rescored" not in arms["pl_greedy"][0]["metrics"]["test_seen"]
     assert arms["pl_llm"][0]["data"] == "pl_llm" and "pl_llm_manifest.json" in arms["pl_llm"][0]["command"]
     labels = json.loads((results / "labels.json").read_text())
