@@ -60,6 +60,18 @@ def test_a_finished_arm_is_not_trained_again(quick):
     assert again["seed"] == 0 and os.path.getmtime(p.arm_json("control", 0)) == before
 
 
+def test_a_copied_base_keeps_its_record_and_must_be_the_same_bytes(quick, tmp_path):
+    src = run.Paths(str(quick), str(quick / "results"))
+    p = run.Paths(str(tmp_path), str(tmp_path / "results"))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "base.json").write_bytes((quick / "results" / "base.json").read_bytes())
+    (tmp_path / "base.nemo").write_bytes(open(src.base_nemo, "rb").read())
+    assert run.base_stage(p, run.QUICK_BASE) == json.loads((quick / "results" / "base.json").read_text())
+    (tmp_path / "base.nemo").write_bytes(b"other bytes")
+    with pytest.raises(RuntimeError, match="sha256 differs"):
+        run.base_stage(p, run.QUICK_BASE)
+
+
 def test_semi_manifests_pair_each_labelled_line_with_an_unlabelled_one(quick):
     p = run.Paths(str(quick), str(quick / "results"))
     rows = [json.loads(line) for line in open(run.semi_manifest(p))]

@@ -182,16 +182,20 @@ def stop_reason(log_text: str) -> str:
     return "unknown (see the training log)"
 
 
-def base_stage(p: Paths, base: dict, extra: Sequence[str] = (), threads: Optional[int] = None, log=print) -> dict:
-    """Corpus, tokenizer and base model (each skipped when present); writes base.json."""
+def prepare_corpus(p: Paths, train_utterances: int) -> None:
+    """The base's demo corpus and BPE-128 tokenizer (each skipped when present)."""
     if not os.path.isfile(os.path.join(p.corpus, "params.json")):
         from demo.corpus import make_demo_corpus
 
-        make_demo_corpus(p.corpus, num_train=base["train_utterances"], seed=0, relative_paths=True)
+        make_demo_corpus(p.corpus, num_train=train_utterances, seed=0, relative_paths=True)
     if not os.path.isfile(os.path.join(p.tokenizer, "tokenizer.model")):
         from nemo_ctcllm.data.tokenizer import build_bpe_tokenizer
 
         build_bpe_tokenizer([os.path.join(p.corpus, "train_manifest.json")], os.path.dirname(p.tokenizer), 128)
+
+
+def base_stage(p: Paths, base: dict, extra: Sequence[str] = (), threads: Optional[int] = None, log=print) -> dict:
+    """The base model (skipped when present: trained here, or copied in with its record); writes base.json."""
     cmd = [
         sys.executable,
         os.path.join(REPO, "scripts", "train.py"),
@@ -207,12 +211,19 @@ def base_stage(p: Paths, base: dict, extra: Sequence[str] = (), threads: Optiona
         f"+exp_manager.early_stopping_callback_params.patience={base['patience']}",
         *extra,
     ]
+    log_path = os.path.join(p.base_exp, "train.log")
+    if os.path.isfile(p.base_nemo) and not os.path.isfile(log_path) and os.path.isfile(p.base_json):
+        # a base copied in (docs/results/evidence/base.nemo): keep its record, check it is the same bytes
+        recorded = _read_json(p.base_json)
+        if _sha256(p.base_nemo) != recorded["sha256"]:
+            raise RuntimeError(f"{p.base_nemo}: sha256 differs from the one {p.base_json} records")
+        return recorded
     if not os.path.isfile(p.base_nemo):
         wall = _train(cmd, p.base_exp, threads)
         shutil.copyfile(_checkpoint(p.base_exp, BASE_NAME), p.base_nemo)
         log(f"base trained in {wall / 60:.1f} min (this sitting)")
     curve = dev_curve(p.base_exp)
-    with open(os.path.join(p.base_exp, "train.log"), errors="replace") as f:
+    with open(log_path, errors="replace") as f:
         text = f.read()
     logged = re.findall(r"global step (\d+)", text)  # the checkpoint callback's lines
     steps = int(logged[-1]) if logged else (int(curve[-1][0]) if curve else 0)
@@ -800,6 +811,7 @@ def main(argv=None):
         print(quick(p, args.llm))
         return
     if args.stage == "base":
+        prepare_corpus(p, BASE["train_utterances"])
         print(json.dumps({k: v for k, v in base_stage(p, BASE, threads=args.threads).items() if k != "dev_curve"}))
         return
     if args.stage == "domain":
