@@ -49,6 +49,8 @@ def test_quick_runs_every_stage_and_reports_paired_intervals(quick):
     assert all("[" in row for row in dev_rows)  # two seeds: an interval
     assert "(1 seed)" in next(line for line in report.splitlines() if line.startswith("| pl_llm |"))
     assert "control + LLM rescoring" in report
+    versus = [line for line in report.splitlines() if line.startswith("| pl_llm − pl_greedy |")]
+    assert [row.split(" | ")[1] for row in versus] == ["dev", "test_seen", "test_unseen"]
     for name in ("evidence_paired.png", "evidence_recall.png"):
         assert (quick / "plots" / name).stat().st_size > 1000 and f"plots/{name}" in report
 
