@@ -279,17 +279,27 @@ def unseen_coverage(p: Paths) -> dict:
     }
 
 
+def _adapt_and_unlabelled(p: Paths):
+    """(adapt manifest lines, the first len(adapt) unlabelled manifest lines): the semi-supervised arms' audio."""
+    with open(p.manifest("adapt"), encoding="utf-8") as f:
+        adapt = [line for line in f if line.strip()]
+    with open(p.manifest("unlabelled"), encoding="utf-8") as f:
+        unlabelled = [line for line in f if line.strip()][: len(adapt)]
+    return adapt, unlabelled
+
+
+def _write_lines(path: str, lines: Sequence[str]) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
 def semi_manifest(p: Paths) -> str:
-    """adapt + the same number of unlabelled lines (the first ones), for the semi-supervised arms."""
+    """adapt + the same number of unlabelled lines (the first ones), for the online semi-supervised arms."""
     path = os.path.join(p.domain, "semi_manifest.json")
     if not os.path.isfile(path):
-        with open(p.manifest("adapt"), encoding="utf-8") as f:
-            adapt = [line for line in f if line.strip()]
-        with open(p.manifest("unlabelled"), encoding="utf-8") as f:
-            unlabelled = [line for line in f if line.strip()][: len(adapt)]
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(adapt + unlabelled)
-        os.replace(path + ".tmp", path)
+        adapt, unlabelled = _adapt_and_unlabelled(p)
+        _write_lines(path, adapt + unlabelled)
     return path
 
 
@@ -309,13 +319,9 @@ def label_stage(p: Paths, llm: str, nbest: int = RESCORE["nbest"], log=print) ->
     if os.path.isfile(out) and all(os.path.isfile(p.pl_manifest(k)) for k in ("pl_greedy", "pl_llm")):
         return _read_json(out)
     base_dev_score(p)  # exports the base (base_inference.nemo)
-    with open(p.manifest("adapt"), encoding="utf-8") as f:
-        adapt = [line for line in f if line.strip()]
+    adapt, lines = _adapt_and_unlabelled(p)
     unl = os.path.join(p.domain, "unlabelled_used_manifest.json")
-    with open(p.manifest("unlabelled"), encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()][: len(adapt)]
-    with open(unl, "w", encoding="utf-8") as f:
-        f.writelines(lines)
+    _write_lines(unl, lines)
     truth = _read_json(os.path.join(p.domain, "sentences.json"))["unlabelled"][: len(lines)]
     model = ASRModel.restore_from(os.path.join(p.work, "base_inference.nemo"), map_location="cpu")
     start = time.time()
@@ -331,9 +337,7 @@ def label_stage(p: Paths, llm: str, nbest: int = RESCORE["nbest"], log=print) ->
         for line, text in zip(lines, texts):
             if normalize_text(text):
                 kept.append(json.dumps({**json.loads(line), "text": normalize_text(text), "pseudo_label": kind}))
-        with open(p.pl_manifest(kind) + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(adapt + [k + "\n" for k in kept])
-        os.replace(p.pl_manifest(kind) + ".tmp", p.pl_manifest(kind))
+        _write_lines(p.pl_manifest(kind), adapt + [k + "\n" for k in kept])
         s = score(rows)
         result[kind] = {"label_wer": s["wer"], "label_cer": s["cer"], "kept": len(kept), "seconds": round(seconds, 1)}
         log(f"{kind}: label WER {100 * s['wer']:.2f} %, {len(kept)} of {len(lines)} kept, {seconds:.0f} s")
