@@ -524,22 +524,24 @@ def load_results(results: str) -> Dict[str, Dict[int, dict]]:
     return out
 
 
-def _wers(runs: Dict[int, dict], split: str, key: Optional[str] = None) -> Dict[int, float]:
-    """{seed: WER in %} of the runs scored on ``split`` (``key="llm_rescored"``: the rescored decoding)."""
+def _scored(runs: Dict[int, dict], split: str, key: Optional[str] = None) -> Dict[int, dict]:
+    """{seed: metrics} of the runs scored on ``split`` (``key="llm_rescored"``: those of the rescored decoding)."""
     out = {}
     for seed, r in runs.items():
         m = r["metrics"].get(split)
         if m is not None and (key is None or key in m):
-            out[seed] = 100 * (m[key]["wer"] if key else m["wer"])
+            out[seed] = m[key] if key else m
     return out
 
 
-def _recall(runs: Dict[int, dict], split: str, key: Optional[str] = None) -> Optional[float]:
-    vals = []
-    for r in runs.values():
-        m = r["metrics"].get(split)
-        if m is not None and (key is None or key in m):
-            vals.append((m[key] if key else m)["word_recall"]["unseen"]["recall"])
+def _wers(runs: Dict[int, dict], split: str, key: Optional[str] = None) -> Dict[int, float]:
+    """{seed: WER in %} of the runs scored on ``split``."""
+    return {seed: 100 * m["wer"] for seed, m in _scored(runs, split, key).items()}
+
+
+def _recall(runs: Dict[int, dict], split: str, key: Optional[str] = None, group: str = "unseen") -> Optional[float]:
+    """Mean recall (%) over seeds of the ``group`` (unseen | seen) words."""
+    vals = [m["word_recall"][group]["recall"] for m in _scored(runs, split, key).values()]
     vals = [v for v in vals if v is not None]
     return 100 * sum(vals) / len(vals) if vals else None
 
@@ -712,15 +714,10 @@ def plots(results: Dict[str, Dict[int, dict]], out_dir: str, prefix: str = "evid
     rows = [(arm, arm, None) for arm in ["control", *arms]]
     rows.insert(1, ("control + LLM rescoring", "control", "llm_rescored"))
     for name, arm, key in rows:
-        rs = [
-            (r["metrics"][split][key] if key else r["metrics"][split])["word_recall"]
-            for r in results[arm].values()
-            if split in r["metrics"] and (key is None or key in r["metrics"][split])
-        ]
-        if rs:
+        if _scored(results[arm], split, key):
             names.append(name)
-            unseen.append(100 * sum(r["unseen"]["recall"] or 0 for r in rs) / len(rs))
-            seen.append(100 * sum(r["seen"]["recall"] or 0 for r in rs) / len(rs))
+            unseen.append(_recall(results[arm], split, key) or 0.0)
+            seen.append(_recall(results[arm], split, key, group="seen") or 0.0)
     fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 3.2))
     x = range(len(names))
     ax.bar([i - 0.2 for i in x], seen, 0.4, label="words the base heard in training")
