@@ -51,6 +51,10 @@ def test_quick_runs_every_stage_and_reports_paired_intervals(quick):
     assert "control + LLM rescoring" in report
     versus = [line for line in report.splitlines() if line.startswith("| pl_llm − pl_greedy |")]
     assert [row.split(" | ")[1] for row in versus] == ["dev", "test_seen", "test_unseen"]
+    # a dev-tuning run (--lr): its own file under tune/, a row of the tuning table, not an arm of the tables
+    tuned = [line for line in report.splitlines() if line.startswith("| control | 0.000333333 |")]
+    assert len(tuned) == 1 and "**Dev tuning**" in report and (results / "tune").is_dir()
+    assert "| control | 0.001 | 0 |" in report and "| control | 2 |" in report  # the dev table: seeds 0, 1 only
     for name in ("evidence_paired.png", "evidence_recall.png"):
         assert (quick / "plots" / name).stat().st_size > 1000 and f"plots/{name}" in report
 
@@ -112,6 +116,8 @@ def test_arm_command_fixes_everything_but_the_objective(tmp_path):
         ("Time limit reached. Elapsed time is 1:02:00. Signaling Trainer to stop.", "time limit"),
         ("`Trainer.fit` stopped: `max_steps=8400` reached.", "max_steps"),
         ("Epoch 3, global step 100: 'val_wer' reached 0.5", "unknown"),  # 'reached' alone is not a stop
+        # a base resumed after a time limit: its log holds both messages, and the last one ended it
+        ("Time limit reached. Elapsed time is 1:02:00.\n...\n`Trainer.fit` stopped: `max_steps=8400` reached.", "max_"),
     ],
 )
 def test_stop_reason_names_the_criterion(log, expected):

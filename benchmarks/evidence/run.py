@@ -53,17 +53,21 @@ LLM_DEFAULT = os.path.join(REPO, "artifacts", "llm", "smollm2-135m")
 # 0.3 points of the best rescored dev WER there), not tuned here.
 RESCORE = {"nbest": 8, "llm_weight": 0.5}
 
-# The base: the demo architecture on the 10,000-utterance corpus until dev WER stalls for 3 validations or ~1 hour
-# (a cosine over max_steps, which 2 otherwise idle cores reach in about that hour).
+# The current run's result files (docs/results/<this>): the first run, with the base stopped at 62 minutes, is
+# docs/results/evidence.
+RESULTS_DEFAULT = "evidence_converged"
+# The base: the demo architecture on the 10,000-utterance corpus until dev WER stalls for 3 validations, the cosine
+# ends (max_steps) or 110 minutes of training (Lightning's timer counts across a resume), whichever comes first.
 BASE = {
     "train_utterances": 10000,
     "max_steps": 8400,
-    "max_time": "00:01:02:00",
+    "max_time": "00:01:50:00",
     "patience": 3,
 }
-# Fine-tuning: the same for every arm; one setting, not tuned: ~4.6 passes over the 500-utterance adaptation set
-# at a third of the base's peak learning rate.
-FINETUNE = {"steps": 200, "lr": 1e-3, "warmup": 20, "batch_duration": 24}
+# Fine-tuning: the same for every arm, ~4.6 passes over the 500-utterance adaptation set. The peak learning rate
+# is the control's best dev WER (seed 0) of 1e-3, 3e-4 and 1e-4 on the converged base (docs/results/
+# evidence_converged/tune/; the first run used 1e-3 untuned).
+FINETUNE = {"steps": 200, "lr": 3e-4, "warmup": 20, "batch_duration": 24}
 
 
 @dataclass
@@ -95,6 +99,21 @@ ARMS: Dict[str, Arm] = {
         Arm("lang_contrastive", on("lang_contrastive", weight=0.1), llm=True, note="soft hypothesis vs text"),
         Arm("llm_lm_loss", on("llm_lm_loss", weight=0.1), llm=True, note="LLM loss of the soft hypothesis"),
         Arm("joint_lm", on("joint_lm", weight=0.3), note="a small LM head on the encoder (no LLM)"),
+        Arm("simclr", on("token_contrastive", mode="simclr", weight=0.1), note="frame InfoNCE between two views"),
+        Arm("byol", on("token_contrastive", mode="byol", weight=0.1), note="BYOL between two views"),
+        # the costliest LLM objectives (9-15x a plain step on 2 CPU cores, RESULTS section 2) act on every 4th step
+        Arm(
+            "llm_prefix_clm",
+            on("llm_prefix_clm", weight=0.3, blocks="[3,6]", weights="[0.5,0.5]", stack=8, every_n_steps=4),
+            llm=True,
+            note="the LLM predicts the transcript from encoder blocks 3 and 6 as a prefix, every 4th step",
+        ),
+        Arm(
+            "llm_reward",
+            on("llm_reward", weight=0.05, num_samples=4, every_n_steps=4),
+            llm=True,
+            note="REINFORCE with the LLM's score of sampled CTC paths as reward, every 4th step",
+        ),
     ]
 }
 
@@ -145,8 +164,9 @@ def _checkpoint(exp_dir: str, name: str) -> str:
 class Paths:
     """Where each stage reads and writes under --work (and the result files under --results)."""
 
-    def __init__(self, work: str, results: str):
+    def __init__(self, work: str, results: str, tag: str = ""):
         self.work, self.results = os.path.abspath(work), os.path.abspath(results)
+        self.tag = tag  # a dev-tuning run's setting (e.g. "_lr0.0003"): its own folder and <results>/tune/ file
         self.corpus = os.path.join(self.work, "demo_data")
         self.tokenizer = os.path.join(self.work, TOKENIZER)
         self.base_exp = os.path.join(self.work, "base")
@@ -159,12 +179,14 @@ class Paths:
         return os.path.join(self.domain, f"{split}_manifest.json")
 
     def arm_exp(self, arm: str, seed: int) -> str:
-        return os.path.join(self.work, "arms", f"{arm}_s{seed}")
+        return os.path.join(self.work, "arms", f"{arm}{self.tag}_s{seed}")
 
     def pl_manifest(self, kind: str) -> str:
         return os.path.join(self.domain, f"{kind}_manifest.json")
 
     def arm_json(self, arm: str, seed: int) -> str:
+        if self.tag:
+            return os.path.join(self.results, "tune", f"{arm}{self.tag}_s{seed}.json")
         return os.path.join(self.results, f"{arm}_s{seed}.json")
 
 
@@ -172,14 +194,15 @@ class Paths:
 
 
 def stop_reason(log_text: str) -> str:
-    """Which criterion ended the base's training, from Lightning's messages in its log."""
-    if "did not improve in the last" in log_text:
-        return "early stopping: dev WER did not improve for the patience's validations"
-    if "Time limit reached" in log_text:
-        return "time limit"
-    if "`max_steps=" in log_text and "` reached." in log_text:
-        return "max_steps (the cosine schedule's end)"
-    return "unknown (see the training log)"
+    """Which criterion ended the base's training, from Lightning's messages in its log (the last one: a base
+    resumed after a time limit appends to the same log)."""
+    reasons = {
+        "did not improve in the last": "early stopping: dev WER did not improve for the patience's validations",
+        "Time limit reached": "time limit",
+        "` reached.": "max_steps (the cosine schedule's end)",
+    }
+    found = [(log_text.rfind(k), v) for k, v in reasons.items() if k in log_text]
+    return max(found)[1] if found else "unknown (see the training log)"
 
 
 def prepare_corpus(p: Paths, train_utterances: int) -> None:
@@ -213,7 +236,7 @@ def base_stage(p: Paths, base: dict, extra: Sequence[str] = (), threads: Optiona
     ]
     log_path = os.path.join(p.base_exp, "train.log")
     if os.path.isfile(p.base_nemo) and not os.path.isfile(log_path) and os.path.isfile(p.base_json):
-        # a base copied in (docs/results/evidence/base.nemo): keep its record, check it is the same bytes
+        # a base copied in (docs/results/evidence_converged/base.nemo): keep its record, check it is the same bytes
         recorded = _read_json(p.base_json)
         if _sha256(p.base_nemo) != recorded["sha256"]:
             raise RuntimeError(f"{p.base_nemo}: sha256 differs from the one {p.base_json} records")
@@ -227,6 +250,9 @@ def base_stage(p: Paths, base: dict, extra: Sequence[str] = (), threads: Optiona
         text = f.read()
     logged = re.findall(r"global step (\d+)", text)  # the checkpoint callback's lines
     steps = int(logged[-1]) if logged else (int(curve[-1][0]) if curve else 0)
+    stopped_by = stop_reason(text)
+    if stopped_by.startswith("max_steps"):  # the steps after the last validation count too (the .nemo is the last)
+        steps = base["max_steps"]
     result = {
         "command": portable_command(cmd, p.work),
         "commit": git_commit(),
@@ -235,7 +261,7 @@ def base_stage(p: Paths, base: dict, extra: Sequence[str] = (), threads: Optiona
         "dev_curve": curve,
         "best_dev_wer": min(v for _, v in curve) if curve else None,
         "steps": steps,
-        "stopped_by": stop_reason(text),
+        "stopped_by": stopped_by,
         "settings": base,
     }
     if os.path.isfile(p.base_json) and "domain_dev" in _read_json(p.base_json):  # written by base_dev_score
@@ -580,6 +606,24 @@ def dev_table(results: Dict[str, Dict[int, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tune_table(results_dir: str, results: Dict[str, Dict[int, dict]], base_dev: Optional[dict]) -> str:
+    """The dev-tuning runs (<results>/tune/, from ``--lr``) beside the runs the tables use, seed by seed; empty
+    when nothing was tuned."""
+    tuned = [_read_json(f) for f in sorted(glob.glob(os.path.join(results_dir, "tune", "*_s*.json")))]
+    if not tuned:
+        return ""
+    kept = [r for arm in sorted({t["arm"] for t in tuned}) for r in results.get(arm, {}).values()]
+    lines = ["| arm | peak lr | seed | dev WER % | in the tables |", "|---|---|---|---|---|"]
+    if base_dev:
+        lines.append(f"| the base, not fine-tuned | — | — | {100 * base_dev['wer']:.2f} | |")
+    for r in sorted(tuned + kept, key=lambda r: (r["arm"], -r["finetune"]["lr"], r["seed"])):
+        used = "yes" if r in kept else ""
+        lines.append(
+            f"| {r['arm']} | {r['finetune']['lr']:g} | {r['seed']} | {100 * r['metrics']['dev']['wer']:.2f} | {used} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _ci(s) -> str:
     if s.ci_low is None:
         return f"{s.mean:+.2f} (1 seed) | {100 * s.relative:+.1f} %"
@@ -763,7 +807,12 @@ def report(p: Paths, report_path: str, plot_dir: str, name: str = "evidence") ->
             else ""
         ),
         "",
-        "**Dev** (where any choice is made; here one configuration per arm, none tuned):",
+    ]
+    tuning = tune_table(p.results, results, dd)
+    if tuning:
+        text += ["**Dev tuning** (every setting tried, on dev only):", "", tuning]
+    text += [
+        "**Dev** (where any choice is made; one configuration per arm, the tuned settings above shared by all):",
         "",
         dev_table(results),
     ]
@@ -821,6 +870,9 @@ def quick(p: Paths, llm: str, log=print) -> str:
         for seed in seeds:
             arm_stage(p, ARMS[arm], seed, QUICK_FINETUNE, llm, QUICK_MODEL, log=log)
             test_stage(p, arm, seed, llm if arm == "control" else None, log=log)
+    tuning = {**QUICK_FINETUNE, "lr": QUICK_FINETUNE["lr"] / 3}  # a dev-tuning run (--lr): the tuning table
+    tuned = Paths(p.work, p.results, tag=f"_lr{tuning['lr']:g}")
+    arm_stage(tuned, ARMS["control"], 0, tuning, llm, QUICK_MODEL, log=log)
     return report(p, os.path.join(p.work, "report.md"), os.path.join(p.work, "plots"))
 
 
@@ -828,20 +880,31 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["base", "domain", "label", "arm", "test", "report", "quick"])
     ap.add_argument("--work", required=True, help="models, corpora and experiment folders (outside the repository)")
-    ap.add_argument("--results", help="result files (default: docs/results/evidence; quick: <work>/results)")
+    ap.add_argument(
+        "--results",
+        help="result files (default: docs/results/evidence_converged; quick: <work>/results); the report's"
+        " section in docs/RESULTS.md and its plots are named after this folder",
+    )
     ap.add_argument("--arms", default="control", help=f"comma-separated, from {sorted(ARMS)}")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")
     ap.add_argument("--llm", default=LLM_DEFAULT, help="the LLM folder (default: the prepared SmolLM2)")
     ap.add_argument("--rescore", action="store_true", help="test stage, control: also the LLM-rescored reference")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        help="dev tuning: fine-tune at this peak learning rate instead of FINETUNE's; the runs go to"
+        " <work>/arms/<arm>_lr<lr>_s<seed> and <results>/tune/ (the report's tuning table), not into the arms' tables",
+    )
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each training (two at once: 1)")
     ap.add_argument("override", nargs="*", help="extra Hydra overrides for every arm's training")
     args = ap.parse_args(argv)
     results = args.results or (
         os.path.join(args.work, "results")
         if args.stage == "quick"
-        else os.path.join(REPO, "docs", "results", "evidence")
+        else os.path.join(REPO, "docs", "results", RESULTS_DEFAULT)
     )
-    p = Paths(args.work, results)
+    p = Paths(args.work, results, tag=f"_lr{args.lr:g}" if args.lr is not None else "")
+    finetune = {**FINETUNE, "lr": args.lr} if args.lr is not None else FINETUNE
     if args.stage == "quick":
         print(quick(p, args.llm))
         return
@@ -856,7 +919,8 @@ def main(argv=None):
         print(json.dumps(label_stage(p, args.llm), indent=1))
         return
     if args.stage == "report":
-        print(report(p, os.path.join(REPO, "docs", "RESULTS.md"), os.path.join(REPO, "docs", "results")))
+        name = os.path.basename(os.path.normpath(p.results))  # evidence (the first run), evidence_converged
+        print(report(p, os.path.join(REPO, "docs", "RESULTS.md"), os.path.join(REPO, "docs", "results"), name))
         return
     unknown = [a for a in args.arms.split(",") if a not in ARMS]
     if unknown:
@@ -867,7 +931,7 @@ def main(argv=None):
     for arm in args.arms.split(","):
         for seed in seeds:
             if args.stage == "arm":
-                arm_stage(p, ARMS[arm], seed, FINETUNE, args.llm, args.override, threads=args.threads)
+                arm_stage(p, ARMS[arm], seed, finetune, args.llm, args.override, threads=args.threads)
             else:
                 test_stage(p, arm, seed, args.llm if args.rescore else None)
 
