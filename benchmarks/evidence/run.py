@@ -728,8 +728,9 @@ def plots(results: Dict[str, Dict[int, dict]], out_dir: str, prefix: str = "evid
         rows = [(a, _wers(results[a], split)) for a in arms]
         rows = [(a, paired_summary(control, w)) for a, w in rows if set(w) & set(control)]
         rescored = _wers(results["control"], split, "llm_rescored")
+        reference = "control + LLM rescoring"  # the LLM at inference: grey, apart from the LLM-free arms
         if rescored:
-            rows.append(("control + LLM rescoring", paired_summary(control, rescored)))
+            rows.append((reference, paired_summary(control, rescored)))
         for i, (name, s) in enumerate(rows):
             lo = s.ci_low if s.ci_low is not None else s.mean
             hi = s.ci_high if s.ci_high is not None else s.mean
@@ -739,7 +740,7 @@ def plots(results: Dict[str, Dict[int, dict]], out_dir: str, prefix: str = "evid
                 xerr=[[s.mean - lo], [hi - s.mean]],
                 fmt="o",
                 capsize=3,
-                color="tab:gray" if "rescoring" in name else "tab:blue",
+                color="tab:gray" if name == reference else "tab:blue",  # not the llm_rescoring arm
             )
             ax.annotate(f"n={len(s.seeds)}", (s.mean, i), textcoords="offset points", xytext=(4, 5), fontsize=7)
         ax.axvline(0, color="k", lw=0.8)
@@ -812,7 +813,8 @@ def report(p: Paths, report_path: str, plot_dir: str, name: str = "evidence") ->
     if tuning:
         text += ["**Dev tuning** (every setting tried, on dev only):", "", tuning]
     text += [
-        "**Dev** (where any choice is made; one configuration per arm, the tuned settings above shared by all):",
+        "**Dev** (where any choice is made; one configuration per arm, "
+        + ("the tuned settings above shared by all):" if tuning else "none tuned):"),
         "",
         dev_table(results),
     ]
