@@ -287,10 +287,10 @@ def score_export(infer: str, data_dir: str, label: str, log=print) -> dict:
     }
 
 
-def portable_command(cmd: Sequence[str], work: str) -> str:
-    """The training command as a result file records it: paths relative to the repository, the work folder as
-    ``<work>`` when it lies outside it, so that no file names a machine's folders."""
-    text = " ".join(["python scripts/train.py", *cmd[2:]])
+def portable_command(cmd: Sequence[str], work: str, script: str = "scripts/train.py") -> str:
+    """The command ([python, script, *args]) as a result file records it: paths relative to the repository, the
+    work folder as ``<work>`` when it lies outside it, so that no file names a machine's folders."""
+    text = " ".join(["python", script, *cmd[2:]])
     work = os.path.abspath(work)
     outside = os.path.relpath(work, REPO).startswith("..")
     text = text.replace(work + os.sep, "<work>/" if outside else os.path.relpath(work, REPO) + os.sep)

@@ -122,3 +122,24 @@ def test_arm_command_fixes_everything_but_the_objective(tmp_path):
 )
 def test_stop_reason_names_the_criterion(log, expected):
     assert run.stop_reason(log).startswith(expected)
+
+
+def test_the_mlm_teacher_never_reads_the_domains_dev_or_test_sentences(tmp_path):
+    from demo.corpus import load_sentences, normalize_text
+
+    shipped = load_sentences()
+    selection = {"test": shipped[:3], "dev": [shipped[3].upper()], "adapt": shipped[4:6], "unlabelled": shipped[6:8]}
+    (tmp_path / "domain").mkdir()
+    (tmp_path / "domain" / "sentences.json").write_text(json.dumps(selection))
+    p = run.Paths(str(tmp_path), str(tmp_path / "results"))
+    kept = run.mlm_sentences(p)
+    held = {normalize_text(s) for s in shipped[:4]}
+    assert not held & {normalize_text(s) for s in kept}  # the dev one too, whatever its spelling
+    assert len(kept) == len(shipped) - 4 and set(shipped[4:8]) <= set(kept)  # adapt and unlabelled text stay
+    # the mlm arm reads the stage's folder, and says which stage to run when it is missing
+    with pytest.raises(RuntimeError, match="run the mlm stage first"):
+        run.arm_command(p, run.ARMS["mlm"], 0, run.FINETUNE, "LLM", [])
+    (tmp_path / "mlm").mkdir()
+    (tmp_path / "mlm" / "mlm_eval.json").write_text("{}")
+    cmd = run.arm_command(p, run.ARMS["mlm"], 0, run.FINETUNE, "LLM", [])
+    assert f"model.objectives.mlm.model_dir={tmp_path / 'mlm'}" in cmd and "model.objectives.mlm.enabled=true" in cmd

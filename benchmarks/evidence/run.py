@@ -5,6 +5,7 @@ LLM-free greedy model, fine-tuning a converged base on a domain of words it has 
     python -m benchmarks.evidence.run base   --work W      # demo corpus, tokenizer, base training, base.json
     python -m benchmarks.evidence.run domain --work W      # the target domain (benchmarks/evidence/domain.py)
     python -m benchmarks.evidence.run label  --work W      # the unlabelled audio labelled once by the base
+    python -m benchmarks.evidence.run mlm    --work W      # the mlm arm's masked LM over the base's BPE pieces
     python -m benchmarks.evidence.run arm    --work W --arms control,pl_greedy --seeds 0,1,2,3,4   # dev only
     python -m benchmarks.evidence.run test   --work W --arms control,pl_greedy --seeds 0,1   # test, once per final arm
     python -m benchmarks.evidence.run report --work W      # tables and plots -> docs/RESULTS.md
@@ -76,6 +77,7 @@ class Arm:
     overrides: List[str]
     data: str = "adapt"  # adapt | semi (adapt + unlabelled audio) | pl_greedy / pl_llm (adapt + offline labels)
     llm: bool = False  # reads model.llm.checkpoint
+    mlm: bool = False  # reads model.objectives.mlm.model_dir (the mlm stage's masked LM)
     note: str = ""
 
 
@@ -101,6 +103,7 @@ ARMS: Dict[str, Arm] = {
         Arm("joint_lm", on("joint_lm", weight=0.3), note="a small LM head on the encoder (no LLM)"),
         Arm("simclr", on("token_contrastive", mode="simclr", weight=0.1), note="frame InfoNCE between two views"),
         Arm("byol", on("token_contrastive", mode="byol", weight=0.1), note="BYOL between two views"),
+        Arm("mlm", on("mlm", weight=0.1), mlm=True, note="a masked LM over the ASR pieces reads the soft hypothesis"),
         # the costliest LLM objectives (9-15x a plain step on 2 CPU cores, RESULTS section 2) act on every 4th step
         Arm(
             "llm_prefix_clm",
@@ -164,9 +167,10 @@ def _checkpoint(exp_dir: str, name: str) -> str:
 class Paths:
     """Where each stage reads and writes under --work (and the result files under --results)."""
 
-    def __init__(self, work: str, results: str, tag: str = ""):
+    def __init__(self, work: str, results: str, lr: Optional[float] = None):
         self.work, self.results = os.path.abspath(work), os.path.abspath(results)
-        self.tag = tag  # a dev-tuning run's setting (e.g. "_lr0.0003"): its own folder and <results>/tune/ file
+        # a dev-tuning run (a peak lr other than FINETUNE's): its own folder and <results>/tune/ file, "_lr0.0003"
+        self.tag = f"_lr{lr:g}" if lr is not None else ""
         self.corpus = os.path.join(self.work, "demo_data")
         self.tokenizer = os.path.join(self.work, TOKENIZER)
         self.base_exp = os.path.join(self.work, "base")
@@ -374,6 +378,52 @@ def label_stage(p: Paths, llm: str, nbest: int = RESCORE["nbest"], log=print) ->
 # ----------------------------------------------------------------------------------------------- arms
 
 
+# ----------------------------------------------------------------------------------------------- mlm teacher
+
+# The mlm arm's masked LM: section 9's recipe (scripts/train_mlm.py, a 0.45 M BERT) over the base's BPE pieces, for
+# a fixed number of steps (not minutes: the same teacher on any machine), on the shipped sentences minus the
+# domain's dev and test sentences: the teacher never reads what the arm is selected or scored on.
+MLM_STEPS = 2000
+
+
+def mlm_sentences(p: Paths) -> List[str]:
+    """The shipped sentences the mlm arm's teacher may read: all but the domain's dev and test sentences."""
+    from demo.corpus import load_sentences, normalize_text
+
+    sel = _read_json(os.path.join(p.domain, "sentences.json"))
+    held = {normalize_text(s) for s in sel["dev"] + sel["test"]}
+    return [s for s in load_sentences() if normalize_text(s) not in held]
+
+
+def mlm_stage(p: Paths, steps: int = MLM_STEPS, threads: Optional[int] = None, log=print) -> dict:
+    """Train the mlm arm's masked LM once (skipped when present); writes <results>/mlm.json."""
+    out, corpus = os.path.join(p.work, "mlm"), os.path.join(p.work, "mlm_sentences.txt")
+    script = os.path.join(REPO, "scripts", "train_mlm.py")
+    cmd = [sys.executable, script, "--out", out, "--corpus", corpus, "--asr-tokenizer", p.tokenizer]
+    cmd += ["--steps", str(steps), "--max-minutes", "100000"]  # steps, not minutes, end it
+    if not os.path.isfile(os.path.join(out, "mlm_eval.json")):
+        _write_lines(corpus, [s + "\n" for s in mlm_sentences(p)])
+        wall = _train(cmd, out, threads)
+        log(f"mlm teacher trained in {wall / 60:.1f} min")
+    metrics = _read_json(os.path.join(out, "mlm_eval.json"))
+    metrics.pop("args")  # the same as the command, with this machine's paths
+    result = {
+        "command": portable_command(cmd, p.work, script="scripts/train_mlm.py"),
+        "commit": git_commit(),
+        "corpus": "demo/sentences.txt minus the domain's dev and test sentences",
+        **metrics,
+    }
+    _write_json(os.path.join(p.results, "mlm.json"), result)
+    return result
+
+
+def _mlm_dir(p: Paths) -> str:
+    path = os.path.join(p.work, "mlm")
+    if not os.path.isfile(os.path.join(path, "mlm_eval.json")):
+        raise RuntimeError(f"arm mlm: no masked LM in {path}; run the mlm stage first")
+    return path
+
+
 def arm_command(p: Paths, arm: Arm, seed: int, finetune: dict, llm: str, extra: Sequence[str]) -> List[str]:
     if arm.data == "adapt":
         train = p.manifest("adapt")
@@ -406,6 +456,7 @@ def arm_command(p: Paths, arm: Arm, seed: int, finetune: dict, llm: str, extra: 
         f"exp_manager.exp_dir={p.arm_exp(arm.name, seed)}",
         "exp_manager.checkpoint_callback_params.save_top_k=1",
         *([f"model.llm.checkpoint={llm}"] if arm.llm else []),
+        *([f"model.objectives.mlm.model_dir={_mlm_dir(p)}"] if arm.mlm else []),
         *extra,
         *arm.overrides,
     ]
@@ -873,14 +924,14 @@ def quick(p: Paths, llm: str, log=print) -> str:
             arm_stage(p, ARMS[arm], seed, QUICK_FINETUNE, llm, QUICK_MODEL, log=log)
             test_stage(p, arm, seed, llm if arm == "control" else None, log=log)
     tuning = {**QUICK_FINETUNE, "lr": QUICK_FINETUNE["lr"] / 3}  # a dev-tuning run (--lr): the tuning table
-    tuned = Paths(p.work, p.results, tag=f"_lr{tuning['lr']:g}")
+    tuned = Paths(p.work, p.results, lr=tuning["lr"])
     arm_stage(tuned, ARMS["control"], 0, tuning, llm, QUICK_MODEL, log=log)
     return report(p, os.path.join(p.work, "report.md"), os.path.join(p.work, "plots"))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["base", "domain", "label", "arm", "test", "report", "quick"])
+    ap.add_argument("stage", choices=["base", "domain", "label", "mlm", "arm", "test", "report", "quick"])
     ap.add_argument("--work", required=True, help="models, corpora and experiment folders (outside the repository)")
     ap.add_argument(
         "--results",
@@ -905,7 +956,7 @@ def main(argv=None):
         if args.stage == "quick"
         else os.path.join(REPO, "docs", "results", RESULTS_DEFAULT)
     )
-    p = Paths(args.work, results, tag=f"_lr{args.lr:g}" if args.lr is not None else "")
+    p = Paths(args.work, results, lr=args.lr)
     finetune = {**FINETUNE, "lr": args.lr} if args.lr is not None else FINETUNE
     if args.stage == "quick":
         print(quick(p, args.llm))
@@ -919,6 +970,9 @@ def main(argv=None):
         return
     if args.stage == "label":
         print(json.dumps(label_stage(p, args.llm), indent=1))
+        return
+    if args.stage == "mlm":
+        print(json.dumps(mlm_stage(p, threads=args.threads), indent=1))
         return
     if args.stage == "report":
         name = os.path.basename(os.path.normpath(p.results))  # evidence (the first run), evidence_converged
