@@ -375,9 +375,6 @@ def label_stage(p: Paths, llm: str, nbest: int = RESCORE["nbest"], log=print) ->
     return result
 
 
-# ----------------------------------------------------------------------------------------------- arms
-
-
 # ----------------------------------------------------------------------------------------------- mlm teacher
 
 # The mlm arm's masked LM: section 9's recipe (scripts/train_mlm.py, a 0.45 M BERT) over the base's BPE pieces, for
@@ -422,6 +419,9 @@ def _mlm_dir(p: Paths) -> str:
     if not os.path.isfile(os.path.join(path, "mlm_eval.json")):
         raise RuntimeError(f"arm mlm: no masked LM in {path}; run the mlm stage first")
     return path
+
+
+# ----------------------------------------------------------------------------------------------- arms
 
 
 def arm_command(p: Paths, arm: Arm, seed: int, finetune: dict, llm: str, extra: Sequence[str]) -> List[str]:
