@@ -178,6 +178,8 @@ class Paths:
         self.domain = os.path.join(self.work, "domain")
         self.base_json = os.path.join(self.results, "base.json")
         self.domain_json = os.path.join(self.results, "domain.json")
+        self.mlm = os.path.join(self.work, "mlm")  # the mlm arm's teacher (the mlm stage)
+        self.mlm_corpus = os.path.join(self.work, "mlm_sentences.txt")
 
     def manifest(self, split: str) -> str:
         return os.path.join(self.domain, f"{split}_manifest.json")
@@ -394,7 +396,7 @@ def mlm_sentences(p: Paths) -> List[str]:
 
 def mlm_stage(p: Paths, steps: int = MLM_STEPS, threads: Optional[int] = None, log=print) -> dict:
     """Train the mlm arm's masked LM once (skipped when present); writes <results>/mlm.json."""
-    out, corpus = os.path.join(p.work, "mlm"), os.path.join(p.work, "mlm_sentences.txt")
+    out, corpus = p.mlm, p.mlm_corpus
     script = os.path.join(REPO, "scripts", "train_mlm.py")
     cmd = [sys.executable, script, "--out", out, "--corpus", corpus, "--asr-tokenizer", p.tokenizer]
     cmd += ["--steps", str(steps), "--max-minutes", "100000"]  # steps, not minutes, end it
@@ -415,10 +417,9 @@ def mlm_stage(p: Paths, steps: int = MLM_STEPS, threads: Optional[int] = None, l
 
 
 def _mlm_dir(p: Paths) -> str:
-    path = os.path.join(p.work, "mlm")
-    if not os.path.isfile(os.path.join(path, "mlm_eval.json")):
-        raise RuntimeError(f"arm mlm: no masked LM in {path}; run the mlm stage first")
-    return path
+    if not os.path.isfile(os.path.join(p.mlm, "mlm_eval.json")):
+        raise RuntimeError(f"arm mlm: no masked LM in {p.mlm}; run the mlm stage first")
+    return p.mlm
 
 
 # ----------------------------------------------------------------------------------------------- arms
