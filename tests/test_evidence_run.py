@@ -143,3 +143,32 @@ def test_the_mlm_teacher_never_reads_the_domains_dev_or_test_sentences(tmp_path)
     (tmp_path / "mlm" / "mlm_eval.json").write_text("{}")
     cmd = run.arm_command(p, run.ARMS["mlm"], 0, run.FINETUNE, "LLM", [])
     assert f"model.objectives.mlm.model_dir={tmp_path / 'mlm'}" in cmd and "model.objectives.mlm.enabled=true" in cmd
+
+
+def test_weight_tuning_runs_change_only_the_objectives_weight_and_stay_out_of_the_tables(tmp_path, capsys):
+    mlm = run.ARMS["mlm"]
+    tuned = mlm.with_weight(1.0)
+    assert mlm.weight() == 0.1 and tuned.weight() == 1.0 and tuned.name == "mlm"
+    changed = [(a, b) for a, b in zip(mlm.overrides, tuned.overrides) if a != b]
+    assert changed == [("model.objectives.mlm.weight=0.1", "model.objectives.mlm.weight=1")]
+    # llm_prefix_clm's per-block "weights" is not its objective weight
+    assert run.ARMS["llm_prefix_clm"].weight() == 0.3
+    with pytest.raises(ValueError, match="pl_llm has no objective weight"):
+        run.ARMS["pl_llm"].with_weight(1.0)
+    p = run.Paths(str(tmp_path), str(tmp_path / "results"), weight=1.0)
+    assert p.arm_json("mlm", 0) == str(tmp_path / "results" / "tune" / "mlm_w1_s0.json")
+    assert p.arm_exp("mlm", 0).endswith(os.path.join("arms", "mlm_w1_s0"))
+    # the tuning table shows the weight beside the runs the tables use
+    (tmp_path / "results" / "tune").mkdir(parents=True)
+    row = {"finetune": run.FINETUNE, "seed": 0, "metrics": {"dev": {"wer": 0.45}}}
+    tuning = {**row, "arm": "mlm", "overrides": tuned.overrides, "metrics": {"dev": {"wer": 0.44}}}
+    (tmp_path / "results" / "tune" / "mlm_w1_s0.json").write_text(json.dumps(tuning))
+    kept = {**row, "arm": "mlm", "overrides": mlm.overrides}
+    table = run.tune_table(str(tmp_path / "results"), {"mlm": {0: kept}}, None)
+    assert "| mlm | 0.0003 | 0.1 | 0 | 45.00 | yes |" in table and "| mlm | 0.0003 | 1 | 0 | 44.00 |  |" in table
+    # no weight to tune, or a tuning run sent to test: a clear error, nothing run
+    for argv in (["arm", "--arms", "control", "--weight", "1"], ["test", "--arms", "mlm", "--weight", "1"]):
+        with pytest.raises(SystemExit):
+            run.main([*argv, "--work", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "['control'] have no objective weight" in err and "scored on dev only" in err

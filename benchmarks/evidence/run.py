@@ -7,6 +7,7 @@ LLM-free greedy model, fine-tuning a converged base on a domain of words it has 
     python -m benchmarks.evidence.run label  --work W      # the unlabelled audio labelled once by the base
     python -m benchmarks.evidence.run mlm    --work W      # the mlm arm's masked LM over the base's BPE pieces
     python -m benchmarks.evidence.run arm    --work W --arms control,pl_greedy --seeds 0,1,2,3,4   # dev only
+    python -m benchmarks.evidence.run arm    --work W --arms mlm --seeds 0 --weight 1   # dev tuning (or --lr)
     python -m benchmarks.evidence.run test   --work W --arms control,pl_greedy --seeds 0,1   # test, once per final arm
     python -m benchmarks.evidence.run report --work W      # tables and plots -> docs/RESULTS.md
     python -m benchmarks.evidence.run quick  --work W      # every stage on a tiny corpus and model (~3 min)
@@ -32,7 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence
 
 from benchmarks.ablation import (
@@ -79,6 +80,24 @@ class Arm:
     llm: bool = False  # reads model.llm.checkpoint
     mlm: bool = False  # reads model.objectives.mlm.model_dir (the mlm stage's masked LM)
     note: str = ""
+
+    def weight(self) -> Optional[float]:
+        """The weight of the arm's objective (None: the control and the pseudo-label arms have none)."""
+        found = [float(o.split("=", 1)[1]) for o in self.overrides if WEIGHT_KEY.fullmatch(o.split("=", 1)[0])]
+        return found[0] if found else None
+
+    def with_weight(self, weight: float) -> "Arm":
+        """The same arm with its objective at ``weight`` (dev tuning, ``--weight``)."""
+        if self.weight() is None:
+            raise ValueError(f"--weight: arm {self.name} has no objective weight to tune")
+        overrides = [
+            f"{o.split('=', 1)[0]}={weight:g}" if WEIGHT_KEY.fullmatch(o.split("=", 1)[0]) else o
+            for o in self.overrides
+        ]
+        return replace(self, overrides=overrides)
+
+
+WEIGHT_KEY = re.compile(r"model\.objectives\.\w+\.weight")
 
 
 def _pl(ranker: str) -> List[str]:
@@ -167,10 +186,11 @@ def _checkpoint(exp_dir: str, name: str) -> str:
 class Paths:
     """Where each stage reads and writes under --work (and the result files under --results)."""
 
-    def __init__(self, work: str, results: str, lr: Optional[float] = None):
+    def __init__(self, work: str, results: str, lr: Optional[float] = None, weight: Optional[float] = None):
         self.work, self.results = os.path.abspath(work), os.path.abspath(results)
-        # a dev-tuning run (a peak lr other than FINETUNE's): its own folder and <results>/tune/ file, "_lr0.0003"
-        self.tag = f"_lr{lr:g}" if lr is not None else ""
+        # a dev-tuning run (a peak lr other than FINETUNE's, an objective weight other than the arm's): its own
+        # folder and <results>/tune/ file, tagged "_lr0.0003", "_w1" or both
+        self.tag = (f"_lr{lr:g}" if lr is not None else "") + (f"_w{weight:g}" if weight is not None else "")
         self.corpus = os.path.join(self.work, "demo_data")
         self.tokenizer = os.path.join(self.work, TOKENIZER)
         self.base_exp = os.path.join(self.work, "base")
@@ -659,19 +679,25 @@ def dev_table(results: Dict[str, Dict[int, dict]]) -> str:
 
 
 def tune_table(results_dir: str, results: Dict[str, Dict[int, dict]], base_dev: Optional[dict]) -> str:
-    """The dev-tuning runs (<results>/tune/, from ``--lr``) beside the runs the tables use, seed by seed; empty
-    when nothing was tuned."""
+    """The dev-tuning runs (<results>/tune/, from ``--lr`` and ``--weight``) beside the runs the tables use, seed
+    by seed; empty when nothing was tuned."""
     tuned = [_read_json(f) for f in sorted(glob.glob(os.path.join(results_dir, "tune", "*_s*.json")))]
     if not tuned:
         return ""
     kept = [r for arm in sorted({t["arm"] for t in tuned}) for r in results.get(arm, {}).values()]
-    lines = ["| arm | peak lr | seed | dev WER % | in the tables |", "|---|---|---|---|---|"]
+    lines = ["| arm | peak lr | objective weight | seed | dev WER % | in the tables |", "|---|---|---|---|---|---|"]
     if base_dev:
-        lines.append(f"| the base, not fine-tuned | — | — | {100 * base_dev['wer']:.2f} | |")
-    for r in sorted(tuned + kept, key=lambda r: (r["arm"], -r["finetune"]["lr"], r["seed"])):
+        lines.append(f"| the base, not fine-tuned | — | — | — | {100 * base_dev['wer']:.2f} | |")
+
+    def weight(r: dict) -> Optional[float]:
+        return Arm(r["arm"], r["overrides"]).weight()
+
+    for r in sorted(tuned + kept, key=lambda r: (r["arm"], -r["finetune"]["lr"], weight(r) or 0, r["seed"])):
         used = "yes" if r in kept else ""
+        w = "—" if weight(r) is None else f"{weight(r):g}"
         lines.append(
-            f"| {r['arm']} | {r['finetune']['lr']:g} | {r['seed']} | {100 * r['metrics']['dev']['wer']:.2f} | {used} |"
+            f"| {r['arm']} | {r['finetune']['lr']:g} | {w} | {r['seed']} | {100 * r['metrics']['dev']['wer']:.2f} |"
+            f" {used} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -949,6 +975,12 @@ def main(argv=None):
         help="dev tuning: fine-tune at this peak learning rate instead of FINETUNE's; the runs go to"
         " <work>/arms/<arm>_lr<lr>_s<seed> and <results>/tune/ (the report's tuning table), not into the arms' tables",
     )
+    ap.add_argument(
+        "--weight",
+        type=float,
+        help="dev tuning: the arm's objective at this weight instead of its ARMS setting; the runs go to"
+        " <work>/arms/<arm>_w<weight>_s<seed> and <results>/tune/, like --lr's",
+    )
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each training (two at once: 1)")
     ap.add_argument("override", nargs="*", help="extra Hydra overrides for every arm's training")
     args = ap.parse_args(argv)
@@ -957,7 +989,7 @@ def main(argv=None):
         if args.stage == "quick"
         else os.path.join(REPO, "docs", "results", RESULTS_DEFAULT)
     )
-    p = Paths(args.work, results, lr=args.lr)
+    p = Paths(args.work, results, lr=args.lr, weight=args.weight)
     finetune = {**FINETUNE, "lr": args.lr} if args.lr is not None else FINETUNE
     if args.stage == "quick":
         print(quick(p, args.llm))
@@ -982,15 +1014,23 @@ def main(argv=None):
     unknown = [a for a in args.arms.split(",") if a not in ARMS]
     if unknown:
         ap.error(f"--arms: unknown arm(s) {unknown}; known: {sorted(ARMS)}")
+    arms = [ARMS[a] for a in args.arms.split(",")]
+    if args.weight is not None:
+        untunable = [a.name for a in arms if a.weight() is None]
+        if untunable:
+            ap.error(f"--weight: arm(s) {untunable} have no objective weight to tune")
+        arms = [a.with_weight(args.weight) for a in arms]
+    if args.stage == "test" and p.tag:
+        ap.error("--lr/--weight: a tuning run is scored on dev only; test scores the final configurations")
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.stage == "arm":
         base_dev_score(p)  # once: the base on the domain's dev set, before any fine-tuning
-    for arm in args.arms.split(","):
+    for arm in arms:
         for seed in seeds:
             if args.stage == "arm":
-                arm_stage(p, ARMS[arm], seed, finetune, args.llm, args.override, threads=args.threads)
+                arm_stage(p, arm, seed, finetune, args.llm, args.override, threads=args.threads)
             else:
-                test_stage(p, arm, seed, args.llm if args.rescore else None)
+                test_stage(p, arm.name, seed, args.llm if args.rescore else None)
 
 
 if __name__ == "__main__":
