@@ -253,9 +253,9 @@ def _scalars(exp_dir: str, tag: str) -> Dict[int, float]:
     return values
 
 
-def dev_curve(exp_dir: str) -> List[List[float]]:
-    """[[step, dev WER], ...] from the run's TensorBoard events."""
-    curve = _scalars(exp_dir, "val_wer")
+def dev_curve(exp_dir: str, tag: str = "val_wer") -> List[List[float]]:
+    """[[step, dev WER], ...] (or another validation scalar) from the run's TensorBoard events."""
+    curve = _scalars(exp_dir, tag)
     return [[s, curve[s]] for s in sorted(curve)]
 
 

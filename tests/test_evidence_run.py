@@ -25,7 +25,12 @@ def test_quick_runs_every_stage_and_reports_paired_intervals(quick):
     assert "domain_dev" in base and 0 <= base["domain_dev"]["wer"]
 
     arms = run.load_results(str(results))
-    assert {a: sorted(s) for a, s in arms.items()} == {"control": [0, 1], "pl_greedy": [0, 1], "pl_llm": [0]}
+    assert {a: sorted(s) for a, s in arms.items()} == {
+        "control": [0, 1],
+        "pl_greedy": [0, 1],
+        "pl_llm": [0],
+        "joint_lm": [0],
+    }
     for seeds in arms.values():
         for r in seeds.values():
             assert set(r["metrics"]) >= {"dev", "test_seen", "test_unseen"}
@@ -54,7 +59,13 @@ def test_quick_runs_every_stage_and_reports_paired_intervals(quick):
     # a dev-tuning run (--lr): its own file under tune/, a row of the tuning table, not an arm of the tables
     tuned = [line for line in report.splitlines() if line.startswith("| control | 0.000333333 |")]
     assert len(tuned) == 1 and "**Dev tuning**" in report and (results / "tune").is_dir()
-    assert "| control | 0.001 | 0 |" in report and "| control | 2 |" in report  # the dev table: seeds 0, 1 only
+    assert "| control | 0.001 | — | 0 |" in report and "| control | 2 |" in report  # the dev table: seeds 0, 1 only
+    # the objective arm recorded its own term at each validation; the control and pl arms have none
+    curve = arms["joint_lm"][0]["objective_curve"]
+    assert len(curve) >= 1 and all(step > 0 and value > 0 for step, value in curve)
+    assert arms["control"][0]["objective_curve"] is None
+    terms = [line for line in report.splitlines() if line.startswith("| joint_lm | `val/joint_lm` | 1 |")]
+    assert len(terms) == 1 and "**Was the objective optimised?**" in report
     for name in ("evidence_paired.png", "evidence_recall.png"):
         assert (quick / "plots" / name).stat().st_size > 1000 and f"plots/{name}" in report
 
@@ -172,3 +183,16 @@ def test_weight_tuning_runs_change_only_the_objectives_weight_and_stay_out_of_th
             run.main([*argv, "--work", str(tmp_path)])
     err = capsys.readouterr().err
     assert "['control'] have no objective weight" in err and "scored on dev only" in err
+
+
+def test_the_objective_table_gives_each_arms_own_term_and_its_change_with_an_interval():
+    assert run.ARMS["simclr"].objective() == "token_contrastive" and run.ARMS["pl_llm"].objective() is None
+    arm = run.ARMS["llm_rescoring"]  # a term that is negative: the change, not a relative effect
+    curves = {0: [[66, -0.30], [199, -0.35]], 1: [[66, -0.20], [199, -0.21]], 2: [[66, -0.40], [199, -0.42]]}
+    runs = {s: {"overrides": arm.overrides, "objective_curve": c} for s, c in curves.items()}
+    runs[3] = {"overrides": arm.overrides}  # a run made before the curve was recorded: left out, not zero
+    table = run.objective_table({"llm_rescoring": runs, "control": {0: {"overrides": [], "objective_curve": None}}})
+    (row,) = [line for line in table.splitlines() if line.startswith("| llm_rescoring |")]
+    # changes -0.05, -0.01, -0.02: mean -0.0267, sd 0.0208, t(0.975, 2) = 4.303, half-width 0.0517
+    assert "| `val/llm_rescoring` | 3 | -0.300 (step 66) | -0.327 (step 199) | -0.027 [-0.078, +0.025] |" in row
+    assert "| control |" not in table and run.objective_table({"control": {0: {"overrides": []}}}) == ""

@@ -27,6 +27,7 @@ import argparse
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -80,6 +81,12 @@ class Arm:
     llm: bool = False  # reads model.llm.checkpoint
     mlm: bool = False  # reads model.objectives.mlm.model_dir (the mlm stage's masked LM)
     note: str = ""
+
+    def objective(self) -> Optional[str]:
+        """The objective the arm turns on (its ``model.objectives.<name>`` block), None for the control and the
+        pseudo-label arms."""
+        found = [o.split(".")[2] for o in self.overrides if re.fullmatch(r"model\.objectives\.\w+\.enabled=true", o)]
+        return found[0] if found else None
 
     def weight(self) -> Optional[float]:
         """The weight of the arm's objective (None: the control and the pseudo-label arms have none)."""
@@ -445,6 +452,12 @@ def _mlm_dir(p: Paths) -> str:
 # ----------------------------------------------------------------------------------------------- arms
 
 
+def objective_curve(exp: str, arm: Arm) -> Optional[List[List[float]]]:
+    """[[step, the arm's own term on dev], ...] at the fine-tuning's validations: was the objective optimised at
+    all? (A null in WER means something else when the term itself did not move.)"""
+    return dev_curve(exp, f"val/{arm.objective()}") if arm.objective() else None
+
+
 def arm_command(p: Paths, arm: Arm, seed: int, finetune: dict, llm: str, extra: Sequence[str]) -> List[str]:
     if arm.data == "adapt":
         train = p.manifest("adapt")
@@ -519,14 +532,19 @@ def arm_stage(
     threads: Optional[int] = None,
     log=print,
 ) -> dict:
-    """Fine-tune, export and score on dev one arm and seed (skipped when its result exists)."""
+    """Fine-tune, export and score on dev one arm and seed (skipped when its result exists; one made before
+    results recorded the objective's dev curve gains it while its training folder is still there)."""
     from nemo.collections.asr.models import ASRModel
 
     from nemo_ctcllm.export import export_for_inference
 
     path = p.arm_json(arm.name, seed)
     if os.path.isfile(path):
-        return _read_json(path)
+        result = _read_json(path)
+        if "objective_curve" not in result and os.path.isdir(p.arm_exp(arm.name, seed)):
+            result["objective_curve"] = objective_curve(p.arm_exp(arm.name, seed), arm)
+            _write_json(path, result)
+        return result
     if not os.path.isfile(p.base_nemo):
         raise RuntimeError(f"no base model at {p.base_nemo}: run the base stage first")
     exp = p.arm_exp(arm.name, seed)
@@ -552,6 +570,7 @@ def arm_stage(
         "wall_s_last_sitting": round(wall, 1),
         "train_step_s_mean": train_step_seconds(exp),
         "dev_curve": dev_curve(exp),
+        "objective_curve": objective_curve(exp, arm),
         "base_sha256": _sha256(p.base_nemo),
         "metrics": {"dev": dev},
     }
@@ -676,6 +695,38 @@ def dev_table(results: Dict[str, Dict[int, dict]]) -> str:
             f" {_cost(_cost_ratio(results['control'], results[arm]))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def objective_table(results: Dict[str, Dict[int, dict]]) -> str:
+    """Each arm's own term on dev at the fine-tuning's first and last validation, over the seeds whose results
+    recorded it, and the per-seed change with a Student-t 95 % interval: did fine-tuning optimise the objective
+    at all? Empty when no result has the curve."""
+    from benchmarks.evidence.stats import t_quantile
+
+    lines = []
+    for arm in sorted(results):
+        curves = [r["objective_curve"] for r in results[arm].values() if r.get("objective_curve")]
+        if not curves:
+            continue
+        first, last = [c[0][1] for c in curves], [c[-1][1] for c in curves]
+        d = [b - a for a, b in zip(first, last)]  # per seed: last - first
+        n, mean = len(d), sum(d) / len(d)
+        ci = ""
+        if n > 1:
+            half = t_quantile(0.95, n - 1) * math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) / math.sqrt(n)
+            ci = f" [{mean - half:+.3f}, {mean + half:+.3f}]"
+        name = Arm(arm, next(iter(results[arm].values()))["overrides"]).objective()
+        lines.append(
+            f"| {arm} | `val/{name}` | {n} | {sum(first) / n:.3f} (step {curves[0][0][0]}) |"
+            f" {sum(last) / n:.3f} (step {curves[0][-1][0]}) | {mean:+.3f}{ci} |"
+        )
+    if not lines:
+        return ""
+    head = [
+        "| arm | the objective's own term | seeds | first validation | last validation | change, 95 % CI |",
+        "|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + lines) + "\n"
 
 
 def tune_table(results_dir: str, results: Dict[str, Dict[int, dict]], base_dev: Optional[dict]) -> str:
@@ -896,6 +947,14 @@ def report(p: Paths, report_path: str, plot_dir: str, name: str = "evidence") ->
         "",
         dev_table(results),
     ]
+    terms = objective_table(results)
+    if terms:
+        text += [
+            "**Was the objective optimised?** Its own term (the value it adds to the loss, before its weight) on"
+            " dev, at the fine-tuning's first and last validation:",
+            "",
+            terms,
+        ]
     if any(_wers(r, "test_seen") for r in results.values()):
         text += ["**Test** (scored once per final configuration):", "", test_table(results)]
     if "pl_llm" in results and "pl_greedy" in results:
@@ -922,7 +981,8 @@ QUICK_MODEL = [
 QUICK_BASE = {"train_utterances": 24, "max_steps": 6, "max_time": "00:00:10:00", "patience": 3}
 QUICK_FINETUNE = {"steps": 3, "lr": 1e-3, "warmup": 1, "batch_duration": 12}
 QUICK_DOMAIN = {"test": 4, "dev": 4, "adapt": 6, "unlabelled": 6}
-QUICK_RUNS = [("control", (0, 1)), ("pl_greedy", (0, 1)), ("pl_llm", (0,))]
+# joint_lm: an objective arm (no LLM), so the objective's dev curve and its table run end to end too
+QUICK_RUNS = [("control", (0, 1)), ("pl_greedy", (0, 1)), ("pl_llm", (0,)), ("joint_lm", (0,))]
 
 
 def quick(p: Paths, llm: str, log=print) -> str:
