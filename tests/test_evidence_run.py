@@ -196,3 +196,6 @@ def test_the_objective_table_gives_each_arms_own_term_and_its_change_with_an_int
     # changes -0.05, -0.01, -0.02: mean -0.0267, sd 0.0208, t(0.975, 2) = 4.303, half-width 0.0517
     assert "| `val/llm_rescoring` | 3 | -0.300 (step 66) | -0.327 (step 199) | -0.027 [-0.078, +0.025] |" in row
     assert "| control |" not in table and run.objective_table({"control": {0: {"overrides": []}}}) == ""
+    # the online pseudo-label term is 0 on dev (it acts on unlabelled audio): no row, not a "change" of 0
+    self_train = {0: {"overrides": run.ARMS["self_train"].overrides, "objective_curve": [[56, 0.0], [169, 0.0]]}}
+    assert run.objective_table({"self_train": self_train}) == ""

@@ -706,8 +706,8 @@ def objective_table(results: Dict[str, Dict[int, dict]]) -> str:
     lines = []
     for arm in sorted(results):
         curves = [r["objective_curve"] for r in results[arm].values() if r.get("objective_curve")]
-        if not curves:
-            continue
+        if not any(value for c in curves for _, value in c):
+            continue  # no curve, or a term that is 0 on dev (online pseudo-labels act on unlabelled audio only)
         first, last = [c[0][1] for c in curves], [c[-1][1] for c in curves]
         d = [b - a for a, b in zip(first, last)]  # per seed: last - first
         n, mean = len(d), sum(d) / len(d)
@@ -951,7 +951,8 @@ def report(p: Paths, report_path: str, plot_dir: str, name: str = "evidence") ->
     if terms:
         text += [
             "**Was the objective optimised?** Its own term (the value it adds to the loss, before its weight) on"
-            " dev, at the fine-tuning's first and last validation:",
+            " dev at the fine-tuning's first and last validation (the first comes after a quarter of the steps, not"
+            " before any), and the change per seed:",
             "",
             terms,
         ]
