@@ -943,7 +943,11 @@ def report(p: Paths, report_path: str, plot_dir: str, name: str = "evidence") ->
         text += ["**Dev tuning** (every setting tried, on dev only):", "", tuning]
     text += [
         "**Dev** (where any choice is made; one configuration per arm, "
-        + ("the tuned settings above shared by all):" if tuning else "none tuned):"),
+        + (
+            "the learning rate chosen above for all, and for an arm tuned there its rows marked yes):"
+            if tuning
+            else "none tuned):"
+        ),
         "",
         dev_table(results),
     ]
