@@ -80,3 +80,12 @@ def test_paired_table():
     assert rows[3] == "| pl | 3 | 11.00 | 10.00 | -1.00 [-2.24, +0.24] | -9.1 % [-20.4, +2.2] |"
     with pytest.raises(ValueError, match="no control run 'ctl'"):
         paired_table({"control": {0: 1.0}}, control="ctl")
+
+
+def test_mean_interval_by_hand_and_for_one_value():
+    from benchmarks.evidence.stats import mean_interval
+
+    # 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.303, half-width 4.303 / sqrt(3) = 2.484
+    mean, sd, lo, hi = mean_interval([1.0, 2.0, 3.0])
+    assert (mean, sd) == (2.0, 1.0) and lo == pytest.approx(-0.484, abs=1e-3) and hi == pytest.approx(4.484, abs=1e-3)
+    assert mean_interval([-0.5]) == (-0.5, None, None, None)  # any sign: not a WER

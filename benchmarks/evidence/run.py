@@ -27,7 +27,6 @@ import argparse
 import glob
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -701,7 +700,7 @@ def objective_table(results: Dict[str, Dict[int, dict]]) -> str:
     """Each arm's own term on dev at the fine-tuning's first and last validation, over the seeds whose results
     recorded it, and the per-seed change with a Student-t 95 % interval: did fine-tuning optimise the objective
     at all? Empty when no result has the curve."""
-    from benchmarks.evidence.stats import t_quantile
+    from benchmarks.evidence.stats import mean_interval
 
     lines = []
     for arm in sorted(results):
@@ -709,12 +708,9 @@ def objective_table(results: Dict[str, Dict[int, dict]]) -> str:
         if not any(value for c in curves for _, value in c):
             continue  # no curve, or a term that is 0 on dev (online pseudo-labels act on unlabelled audio only)
         first, last = [c[0][1] for c in curves], [c[-1][1] for c in curves]
-        d = [b - a for a, b in zip(first, last)]  # per seed: last - first
-        n, mean = len(d), sum(d) / len(d)
-        ci = ""
-        if n > 1:
-            half = t_quantile(0.95, n - 1) * math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) / math.sqrt(n)
-            ci = f" [{mean - half:+.3f}, {mean + half:+.3f}]"
+        n = len(curves)
+        mean, _, lo, hi = mean_interval([b - a for a, b in zip(first, last)])  # per seed: last - first
+        ci = "" if lo is None else f" [{lo:+.3f}, {hi:+.3f}]"
         name = Arm(arm, next(iter(results[arm].values()))["overrides"]).objective()
         lines.append(
             f"| {arm} | `val/{name}` | {n} | {sum(first) / n:.3f} (step {curves[0][0][0]}) |"

@@ -61,24 +61,36 @@ def t_quantile(confidence: float, df: int) -> float:
     return float(student_t.ppf((1 + confidence) / 2, df))
 
 
+def mean_interval(
+    values: Sequence[float], confidence: float = 0.95
+) -> Tuple[float, Optional[float], Optional[float], Optional[float]]:
+    """(mean, sd, ci_low, ci_high) of ``values`` with the Student-t interval of the module docstring (sd and the
+    interval are None for one value)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None, None, None
+    sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1))
+    half = t_quantile(confidence, n - 1) * sd / math.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
 def paired_summary(control: Mapping[int, float], arm: Mapping[int, float], confidence: float = 0.95) -> PairedSummary:
     """Per-seed differences arm - control on the seeds both have ({seed: WER}); see the module docstring."""
     seeds = tuple(sorted(set(control) & set(arm)))
     if not seeds:
         raise ValueError(f"no common seed: control has {sorted(control)}, the arm has {sorted(arm)}")
     d = [float(arm[s]) - float(control[s]) for s in seeds]
-    n = len(d)
-    mean = sum(d) / n
-    control_mean = sum(float(control[s]) for s in seeds) / n
+    control_mean = sum(float(control[s]) for s in seeds) / len(seeds)
     if control_mean <= 0:
         raise ValueError(
             f"the control's mean WER on seeds {list(seeds)} is {control_mean}; a relative effect needs > 0"
         )
-    sd = lo = hi = rlo = rhi = None
-    if n > 1:
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-        half = t_quantile(confidence, n - 1) * sd / math.sqrt(n)
-        lo, hi = mean - half, mean + half
+    mean, sd, lo, hi = mean_interval(d, confidence)
+    rlo = rhi = None
+    if lo is not None:
         rlo, rhi = lo / control_mean, hi / control_mean
     return PairedSummary(seeds, tuple(d), mean, sd, lo, hi, control_mean, mean / control_mean, rlo, rhi, confidence)
 
