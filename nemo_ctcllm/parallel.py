@@ -1,10 +1,20 @@
-"""Process-group set-up for training with an LLM: encoder data-parallel, LLM tensor-parallel.
+"""Parallel layout for training with an LLM: encoder data-parallel, LLM tensor-parallel.
 
-``scripts/train.py`` calls :func:`init_parallel` before the model is built. Under ``torchrun`` it creates the
-default process group (nccl on GPU, gloo on CPU) so that megatron's ``parallel_state`` can split it into
-tensor-parallel groups of ``model.llm.tensor_model_parallel_size`` consecutive ranks; Lightning's DDP finds
-the group already initialised and uses it. The encoder is replicated on every rank and trained
-data-parallel over all ranks; each TP group holds one copy of the LLM, sharded N ways.
+Who makes what, under every launcher NeMo users use (``torchrun``, Lightning's own launcher for
+``python scripts/train.py trainer.devices=N``, ``srun`` under Slurm):
+
+- the default process group is Lightning's: its DDP strategy creates it inside ``trainer.fit`` from the launcher's
+  environment (torchrun's ``RANK``/``WORLD_SIZE``, Slurm's ``SLURM_PROCID``/``SLURM_NTASKS``, or the variables
+  Lightning sets in the processes it starts itself, which have ``WORLD_SIZE``/``LOCAL_RANK`` but no ``RANK``),
+  with its timeout (``DDPStrategy(timeout=...)``, 30 minutes by default, where NCCL's own is 10) and destroys it
+  at exit;
+- megatron's tensor-parallel groups are made at one point of the life cycle on every rank, whichever launcher:
+  ``on_fit_start`` (:func:`setup_llm_parallel`, then the LLM host), after the process group exists and before
+  sanity validation and the first step. A one-process job lets the host make a one-process group itself.
+
+:func:`check_parallel` runs in ``scripts/train.py`` before anything else and refuses what the config alone shows to
+be wrong; :func:`setup_llm_parallel` checks the real world size. Both raise on every rank alike, before any
+collective, so no rank is left waiting.
 
 Invariant: every rank of a TP group must feed the LLM identical inputs, or the TP all-reduces silently mix
 different utterances. The data loader shards by global rank (each rank its own utterances), so an objective
@@ -17,7 +27,6 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
@@ -41,8 +50,13 @@ def check_layout(world_size: int, tp_size: int, trainer_cfg: DictConfig) -> None
         raise ConfigError(
             f"trainer.devices x trainer.num_nodes = {expected} but the job has {world_size} process(es); "
             "launch with `torchrun --nproc_per_node <trainer.devices> --nnodes <trainer.num_nodes> "
-            "scripts/train.py ...`"
+            "scripts/train.py ...`, `srun` with one task per device, or `python scripts/train.py` on one node "
+            "(Lightning starts the processes)"
         )
+    check_tp_divides(world_size, tp_size)
+
+
+def check_tp_divides(world_size: int, tp_size: int) -> None:
     if world_size % tp_size != 0:
         raise ConfigError(
             f"model.llm.tensor_model_parallel_size={tp_size} does not divide the world size {world_size}; "
@@ -50,29 +64,50 @@ def check_layout(world_size: int, tp_size: int, trainer_cfg: DictConfig) -> None
         )
 
 
-def init_parallel(cfg: DictConfig) -> None:
-    """Check the job's layout, then initialise torch.distributed and megatron parallel_state when the model has an
-    LLM.
+def launcher_world_size() -> Optional[int]:
+    """The world size an external launcher announced (torchrun: ``WORLD_SIZE`` with ``RANK``; Slurm:
+    ``SLURM_NTASKS`` when the job runs under ``srun``); None when Lightning will start the processes itself (its
+    children carry ``WORLD_SIZE`` but no ``RANK``: they check in ``on_fit_start``)."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_NTASKS" in os.environ and "SLURM_STEP_ID" in os.environ:  # inside an srun step
+        return int(os.environ["SLURM_NTASKS"])
+    return None
 
-    The check reads only the config and the launcher's ``WORLD_SIZE``, so under torchrun every rank refuses a
-    mismatch alike, before any process group exists (no rank is left waiting for the others). Without a
-    launcher and without an LLM, Lightning starts the ``trainer.devices`` processes itself (no check needed).
-    """
+
+def check_parallel(cfg: DictConfig) -> None:
+    """Refuse, from the config and the launcher's environment alone, a layout that cannot work: a launcher's world
+    size that is not ``trainer.devices x trainer.num_nodes``, or a TP size that does not divide it. Creates
+    nothing (the process group is Lightning's, the TP groups :func:`setup_llm_parallel`'s)."""
     llm = read_llm_block(cfg.model.get("llm"))
-    has_llm = bool(llm["checkpoint"])
-    launched = "WORLD_SIZE" in os.environ  # torchrun, Slurm via Lightning, or a process Lightning started
-    if not (has_llm or launched):
-        return
-    tp = llm["tensor_model_parallel_size"] if has_llm else 1
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    check_layout(world, tp, cfg.trainer)
-    if not has_llm or world == 1:
-        return  # the LLM host creates a single-process group itself when it is first built
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-    from nemo_ctcllm.llm import init_model_parallel
+    tp = llm["tensor_model_parallel_size"] if llm["checkpoint"] else 1
+    world = launcher_world_size()
+    if world is not None:
+        check_layout(world, tp, cfg.trainer)
+    else:
+        devices = _device_count(cfg.trainer)
+        if devices is not None:
+            check_tp_divides(devices, tp)
 
-    init_model_parallel(tp)
+
+def setup_llm_parallel(world_size: int, tp_size: int) -> None:
+    """On every rank at ``on_fit_start``: check the real layout, then make megatron's TP groups over the process
+    group Lightning made (a one-process job: the LLM host makes its own)."""
+    check_tp_divides(world_size, tp_size)
+    if world_size > 1 and not dist.is_initialized():
+        raise RuntimeError(
+            f"world size {world_size} but torch.distributed is not initialised: the LLM's groups need the trainer's"
+            " process group (trainer.strategy=ddp)"
+        )
+    if world_size > 1 or dist.is_initialized():
+        from nemo_ctcllm.llm import init_model_parallel
+
+        init_model_parallel(tp_size)
+
+
+def destroy_parallel() -> None:
+    """megatron's groups, at the end of a run (the default process group is destroyed by Lightning at exit)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()

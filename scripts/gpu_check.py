@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -399,7 +400,7 @@ def part_train(args, work: Path) -> dict:
 
     from nemo_ctcllm.data.tokenizer import build_bpe_tokenizer_from_texts
     from nemo_ctcllm.models import EncDecCTCLLMModelBPE
-    from nemo_ctcllm.parallel import init_parallel
+    from nemo_ctcllm.parallel import check_parallel
     from nemo_ctcllm.training import check_training_data
 
     _HOSTS.clear()
@@ -432,7 +433,7 @@ def part_train(args, work: Path) -> dict:
     ]
     cfg = recipe_config(overrides)
     pl.seed_everything(0, workers=True)
-    init_parallel(cfg)
+    check_parallel(cfg)
     stats = StepStats()
     trainer = pl.Trainer(**resolve_trainer_cfg(cfg.trainer), callbacks=[stats])
     exp_manager(trainer, cfg.get("exp_manager"))
@@ -441,7 +442,10 @@ def part_train(args, work: Path) -> dict:
     reset_peak()
     trainer.fit(model)
     steady = stats.times[1:] or stats.times  # the first step compiles kernels and builds the LLM host
+    losses = stats.losses
     return {
+        # the part's verdict: every step ran and every loss is finite (not merely "no exception")
+        "ok": trainer.global_step == args.steps and bool(losses) and all(math.isfinite(x) for x in losses),
         "steps": trainer.global_step,
         "precision": args.precision,
         "objectives": ["ctc_final", "interctc", "llm_prefix_clm", "clip"],
@@ -503,6 +507,9 @@ def part_tests(args, work: Path) -> dict:
         ]
     collected = re.search(r"(\d+) tests? collected", tail)
     out["collected"] = int(collected.group(1)) if collected else None
+    # the part's verdict is pytest's: exit 0, something collected, and no failure or error (a module that fails to
+    # import is a collection error, not a collected test)
+    out["ok"] = rc == 0 and bool(out["collected"] or out.get("tests")) and not out.get("failed")
     return out
 
 

@@ -21,7 +21,7 @@ from nemo.utils.trainer_utils import resolve_trainer_cfg
 from omegaconf import OmegaConf
 
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE
-from nemo_ctcllm.parallel import init_parallel
+from nemo_ctcllm.parallel import check_parallel, destroy_parallel
 from nemo_ctcllm.training import check_training_data
 
 
@@ -29,7 +29,7 @@ from nemo_ctcllm.training import check_training_data
 def main(cfg):
     logging.info(f"Hydra config:\n{OmegaConf.to_yaml(cfg)}")
     pl.seed_everything(cfg.get("seed", 0), workers=True)
-    init_parallel(cfg)  # torch.distributed + megatron TP groups, before the model (and Lightning DDP)
+    check_parallel(cfg)  # a layout the config shows to be wrong fails here, on every rank; nothing is created
     trainer = pl.Trainer(**resolve_trainer_cfg(cfg.trainer))
     log_dir = exp_manager(trainer, cfg.get("exp_manager", None))
     counts = check_training_data(cfg, log_dir=str(log_dir))  # may point cfg.model at checked manifests
@@ -39,14 +39,15 @@ def main(cfg):
     model.maybe_init_from_pretrained_checkpoint(cfg)
     try:
         trainer.fit(model)
+        if cfg.model.get("test_ds") is not None and cfg.model.test_ds.get("manifest_filepath"):
+            if model.prepare_test(trainer):
+                # test the weights just trained: after a resume, trainer.ckpt_path still names the checkpoint the
+                # run started from, which checkpointing may since have replaced
+                trainer.ckpt_path = None
+                trainer.test(model)
     finally:  # also when training fails: a loader thread left running would keep the process alive
         model.stop_loader_threads()
-    if cfg.model.get("test_ds") is not None and cfg.model.test_ds.get("manifest_filepath"):
-        if model.prepare_test(trainer):
-            # test the weights just trained: after a resume, trainer.ckpt_path still names the checkpoint the run
-            # started from, which checkpointing may since have replaced
-            trainer.ckpt_path = None
-            trainer.test(model)
+        destroy_parallel()  # megatron's groups (Lightning destroys its process group at exit)
     logging.info(f"Run finished; logs and .nemo under {log_dir}")
 
 

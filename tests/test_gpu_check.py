@@ -65,3 +65,17 @@ def test_audio_manifest_names_the_bad_line(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match=r"manifest\.json:1: .*missing\.wav"):
         gpu_check.audio_manifest(tmp_path, tmp_path / "out.json")
+
+
+@pytest.mark.parametrize(
+    "body,ok", [("def test_a():\n    assert True\n", True), ("import no_such_module_here\n", False)]
+)
+def test_tests_part_verdict_follows_pytest(body, ok, tmp_path, monkeypatch):
+    """The tests part is ok only when pytest is: a module that fails to import (a collection error, where the part
+    used to report ok) fails the part, and run_parts then reports it and main exits non-zero."""
+    module = tmp_path / "test_probe_module.py"
+    module.write_text(body)
+    monkeypatch.setattr(gpu_check, "cuda_test_modules", lambda: [str(module)])
+    args = gpu_check.parse_args(["--dry-run", "--out", str(tmp_path / "out"), "--parts", "tests"])
+    results = gpu_check.run_parts(args)
+    assert results["tests"]["ok"] is ok, results["tests"]
