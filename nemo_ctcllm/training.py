@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig, ListConfig, open_dict
 
 from nemo_ctcllm.config import ConfigError, check_bool, check_number, merge_block
-from nemo_ctcllm.data.manifest import CheckConfig, ManifestError, scan_manifest, write_manifest
+from nemo_ctcllm.data.manifest import CheckConfig, ManifestError, scan_manifest, write_manifest, write_text_atomic
 
 DATA_CHECK_DEFAULTS = {
     "skip_bad_utterances": False,
@@ -131,8 +131,7 @@ def check_training_data(cfg: DictConfig, log_dir: Optional[str] = None) -> Dict[
         )
     if problems:
         report_path = os.path.join(_out_dir(log_dir), "skipped_lines.txt")
-        with open(report_path, "w", encoding="utf-8") as f:
-            f.write("\n".join(problems) + "\n")
+        write_text_atomic(report_path, "\n".join(problems) + "\n")
         logging.warning(
             f"data_checks.skip_bad_utterances: skipping {len(problems)} bad manifest line(s) "
             f"(train {counts.get('train_ds_bad', 0)}, validation {counts.get('validation_ds_bad', 0)}); "

@@ -10,8 +10,10 @@ writes what the test compares across ranks to ``DIR/rank<r>.pt`` ({case: result}
   ``nan``: NaN in rank 1's interctc term at step 1 (the LLM objective runs on both ranks);
   ``empty_<objective>``: semi-supervised batches in which rank 1 has no labelled row at step 0 and no rank has
   one at step 1, for each objective that back-propagates through the LLM or gathers rows across ranks.
-* ``dp`` (no LLM): ``nan``: NaN on rank 1 at step 1; ``stop``: NaN on rank 1 at every step
-  (max_consecutive 2); ``weight0``: a term with parameters at weight 0; ``byol``: BYOL with a skipped step.
+* ``dp`` (no LLM): ``nan``: NaN on rank 1 at step 1; ``grad_inf``: a finite loss, an inf gradient on rank 1 at
+  step 1; ``stop``: NaN on rank 1 at every step (max_consecutive 2); ``empty_byol``: BYOL with batch-norm passes
+  made collectives (as under sync_batchnorm) and rank 1 unlabelled at step 0; ``weight0``: a term with parameters
+  at weight 0; ``byol``: BYOL with a skipped step.
 
 A rank that deadlocks makes torchrun overrun the test's hard timeout.
 """
@@ -32,7 +34,14 @@ TP_OBJECTIVES = {
 
 
 def train(
-    setup: dict, objectives: dict, steps: int, fault=None, semi_supervised: bool = False, llm=None, bad_steps=None
+    setup: dict,
+    objectives: dict,
+    steps: int,
+    fault=None,
+    semi_supervised: bool = False,
+    llm=None,
+    bad_steps=None,
+    **trainer_kw,
 ) -> dict:
     """Fit the tiny model for ``steps`` steps; ``fault(model, rank)`` patches it first. Returns what the test
     compares across ranks (or the error message a rank stopped with)."""
@@ -59,6 +68,7 @@ def train(
         enable_progress_bar=False,
         limit_val_batches=0,
         enable_model_summary=False,
+        **trainer_kw,
     )
     model = EncDecCTCLLMModelBPE(cfg, trainer=trainer)
     model.semi_supervised = semi_supervised  # as with an objective that reads unlabelled rows
@@ -82,6 +92,8 @@ def train(
             "labelled_rows": labelled_rows,
         }
     )
+    if "token_contrastive" in model.objectives:  # the optimizer update count of BYOL's last EMA step
+        out["ema_step"] = model.objectives["token_contrastive"]._ema_step
     return out
 
 
@@ -103,6 +115,19 @@ def nan_on_rank1(term: str, at_steps):
     return fault
 
 
+def inf_grad_on_rank1(at_steps):
+    """Fault injection: a finite loss whose backward gives rank 1 an inf gradient (a hook on the final head's
+    weight) at the given global steps; DDP's all-reduce then carries it to every rank."""
+
+    def fault(model, rank, _):
+        if rank != 1:
+            return
+        weight = model.decoder.decoder_layers[0].weight
+        weight.register_hook(lambda g: g * float("inf") if model.global_step in at_steps else g)
+
+    return fault
+
+
 def unlabelled_rows(model, rank, labelled_rows):
     """Step 0: rank 1's rows carry no transcript; step 1: no rank's rows do (semi-supervised batches)."""
     step_context = model.step_context
@@ -115,6 +140,23 @@ def unlabelled_rows(model, rank, labelled_rows):
         return ctx
 
     model.step_context = patched
+
+
+def unlabelled_rows_and_batchnorm_collectives(model, rank, labelled_rows):
+    """:func:`unlabelled_rows`, and every training-mode BatchNorm forward made a collective, as under
+    ``sync_batchnorm`` (SyncBatchNorm itself needs GPU modules): a stand-in all-reduce in a forward hook. A rank
+    that ran an encoder pass its peers skip would wait there (and the test's timeout would fail it)."""
+    import torch.distributed as dist
+
+    unlabelled_rows(model, rank, labelled_rows)
+
+    def collective(module, inputs, output):
+        if module.training:
+            dist.all_reduce(torch.zeros(1))
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.register_forward_hook(collective)
 
 
 def run_tp(setup, llm) -> dict:
@@ -132,7 +174,10 @@ def run_tp(setup, llm) -> dict:
         )
     }
     for name, block in TP_OBJECTIVES.items():
-        results[f"empty_{name}"] = train(setup, {name: block}, 2, unlabelled_rows, semi_supervised=True, llm=llm)
+        # log_every_n_steps=1: every step computes WER (a collective inside torchmetrics' compute, before the fix)
+        results[f"empty_{name}"] = train(
+            setup, {name: block}, 2, unlabelled_rows, semi_supervised=True, llm=llm, log_every_n_steps=1
+        )
     return results
 
 
@@ -141,7 +186,18 @@ def run_dp(setup) -> dict:
     interctc = {"interctc": {"blocks": [2], "weights": [0.3]}}
     return {  # "stop" last: a fit that raised leaves NeMo's telemetry span open, so no fit may follow it here
         "nan": train(setup, interctc, 3, nan_on_rank1("interctc_l2", {1})),
+        "grad_inf": train(setup, interctc, 3, inf_grad_on_rank1({1})),
         "weight0": train(setup, {"token_contrastive": {**byol, "mode": "simclr", "weight": 0.0}}, 2),
+        # rank 1 without labelled rows while BYOL's extra encoder passes are collectives (as under sync_batchnorm),
+        # and WER is computed every step
+        "empty_byol": train(
+            setup,
+            {"token_contrastive": byol},
+            2,
+            unlabelled_rows_and_batchnorm_collectives,
+            semi_supervised=True,
+            log_every_n_steps=1,
+        ),
         "byol": train(setup, {"token_contrastive": byol}, 4, nan_on_rank1("token_contrastive", {2})),
         "stop": train(
             setup, interctc, 5, nan_on_rank1("interctc_l2", set(range(10))), bad_steps={"max_consecutive": 2}

@@ -60,3 +60,34 @@ def test_recipe_lists_every_declared_key():
     common = {f.name for f in dataclasses.fields(ObjectiveConfig)}
     for name, block in recipe_blocks().items():
         assert set(declared_defaults(name)) - common - set(block) == set(), name
+
+
+def test_every_logged_value_is_on_the_losss_device():
+    """NeMo all-reduces every logged validation value, and NCCL refuses a CPU tensor: the warm-up weight and every
+    stat (a python number, a CPU tensor) must come out of compose_loss on the loss's device. 'meta' stands in for a
+    GPU."""
+    import torch
+
+    from nemo_ctcllm.objectives.base import Objective, StepContext, compose_loss
+
+    class Term(Objective):
+        def forward(self, ctx):
+            loss = ctx.log_probs.sum() * 0
+            return loss, {"count": 3, "share": torch.tensor(0.5), "acc": loss.detach()}
+
+    meta = torch.empty(2, 5, 4, device="meta")
+    ctx = StepContext(
+        env=None,
+        signal=meta[:, :, 0],
+        signal_len=meta[:, 0, 0],
+        encoded=meta,
+        encoded_len=meta[:, 0, 0],
+        log_probs=meta,
+        targets=meta[:, :, 0],
+        target_len=meta[:, 0, 0],
+        training=False,
+    )
+    terms = torch.nn.ModuleDict({"t": Term("t", weight=0.5, warmup_steps=10)})
+    total, logs = compose_loss(terms, ctx, step=3, prefix="val")
+    assert set(logs) == {"val/t", "val/weight/t", "val/t_count", "val/t_share", "val/t_acc"}
+    assert {v.device.type for v in logs.values()} == {"meta"} and total.device.type == "meta"

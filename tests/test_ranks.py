@@ -12,7 +12,7 @@ from obj_tp_worker import launch
 from omegaconf import OmegaConf
 
 from nemo_ctcllm.objectives import ConfigError
-from nemo_ctcllm.parallel import init_parallel
+from nemo_ctcllm.parallel import check_parallel
 
 TIMEOUT = 900  # a hang guard for a loaded 2-core machine, not a timed assertion
 
@@ -42,13 +42,21 @@ def test_data_parallel_bad_steps_weight_zero_and_byol(tmp_path, demo_corpus, tok
     ranks = _run("dp", tmp_path, demo_corpus, tokenizer_dir)
     nan = _same_on_every_rank(ranks, "nan")  # NaN on rank 1 at step 1: skipped and counted on both ranks
     assert (nan["global_step"], nan["skipped"], nan["updates"]) == (3, 1, 2) and set(nan["adam_steps"]) == {2}
+    grad = _same_on_every_rank(ranks, "grad_inf")  # an inf gradient on rank 1 at step 1: skipped alike, finite
+    assert (grad["global_step"], grad["skipped"], grad["updates"]) == (3, 1, 2) and set(grad["adam_steps"]) == {2}
     stop = _same_on_every_rank(ranks, "stop")  # NaN on rank 1 at every step: both stop, with one message
     assert "2 consecutive steps (model.bad_steps.max_consecutive=2)" in stop["error"]
     assert "rank 1: batch 1 (" in stop["error"] and "rank 0:" not in stop["error"]
+    empty = _same_on_every_rank(ranks, "empty_byol")  # no rank waits in a SyncBatchNorm or WER collective
+    assert (empty["global_step"], empty["skipped"]) == (2, 0)
+    assert ranks[1]["empty_byol"]["labelled_rows"] == [0, 0] and ranks[0]["empty_byol"]["labelled_rows"] == [4, 0]
     weight0 = _same_on_every_rank(ranks, "weight0")  # a weight-0 term's parameters are in DDP's graph
     assert weight0["global_step"] == 2
     byol = _same_on_every_rank(ranks, "byol")  # the EMA target (a buffer-free frozen copy) moved alike
     assert (byol["skipped"], byol["updates"]) == (1, 3)
+    # the EMA moves once per applied update: before step 3 (step 2 skipped) 2 updates were applied, so its last
+    # move was at update 2 (counting global steps instead would say 3)
+    assert byol["ema_step"] == 2
     assert any(".target_encoder." in n for n in byol["params"])  # compared above with every parameter
 
 
@@ -72,6 +80,6 @@ def test_world_size_that_does_not_match_the_trainer_is_refused_on_every_rank(ran
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", str(rank))
     with pytest.raises(ConfigError, match=r"trainer.devices x trainer.num_nodes = 1 but the job has 2 process"):
-        init_parallel(cfg)
+        check_parallel(cfg)
     cfg.trainer.devices = 2
-    init_parallel(cfg)  # matching layout, no LLM: nothing to set up here (Lightning's DDP does it)
+    check_parallel(cfg)  # matching layout, no LLM: nothing to set up here (Lightning's DDP does it)

@@ -571,3 +571,33 @@ def test_demo_and_ablation_configs_keep_the_deterministic_loader():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         for name in ("conformer_ctc_llm", "conformer_ctc_llm_demo", "conformer_ctc_llm_ablation"):
             assert compose(config_name=name).model.train_ds.concurrent_bucketing is False, name
+
+
+def _write_many(path, source, entries, times):
+    from nemo_ctcllm.data.manifest import write_manifest
+
+    for _ in range(times):
+        write_manifest(entries, source, path)
+
+
+def test_ranks_writing_the_same_checked_manifest_never_show_a_reader_half_a_file(demo_corpus, tmp_path):
+    """With skip_bad_utterances every rank writes the same checked manifest: two writer processes rewrite it while
+    this process reads it; every read is a whole manifest (before, open(path, 'w') let a reader see a truncated
+    file, and ranks could then disagree on the dataset's size)."""
+    import multiprocessing as mp
+
+    entries = read_manifest(demo_corpus["train"]) * 20
+    path = str(tmp_path / "checked.json")
+    _write_many(path, demo_corpus["train"], entries, 1)
+    ctx = mp.get_context("spawn")
+    writers = [ctx.Process(target=_write_many, args=(path, demo_corpus["train"], entries, 40)) for _ in range(2)]
+    for w in writers:
+        w.start()
+    reads = 0
+    while any(w.is_alive() for w in writers) or reads == 0:
+        assert len(read_manifest(path)) == len(entries)
+        reads += 1
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    assert not [p for p in os.listdir(tmp_path) if ".tmp." in p]  # no temporary file left

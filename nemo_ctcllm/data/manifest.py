@@ -184,12 +184,22 @@ def check_manifest(manifest: str, cfg: CheckConfig = CheckConfig()) -> List[str]
     return scan_manifest(manifest, cfg).problems
 
 
-def write_manifest(entries: List[dict], source: str, path: str) -> str:
-    """Write ``entries`` (from ``source``) as a manifest at ``path``, audio paths made absolute."""
+def write_text_atomic(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` through a temporary file of this process, then rename: every rank of a job may
+    write the same file at once, and a reader sees a whole old or a whole new file, never a half-written one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for e in entries:
-            line = {k: v for k, v in e.items() if k != "_line"}
-            line["audio_filepath"] = os.path.abspath(resolve_audio_path(line["audio_filepath"], source))
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
     return path
+
+
+def write_manifest(entries: List[dict], source: str, path: str) -> str:
+    """Write ``entries`` (from ``source``) as a manifest at ``path``, audio paths made absolute (atomically)."""
+    lines = []
+    for e in entries:
+        line = {k: v for k, v in e.items() if k != "_line"}
+        line["audio_filepath"] = os.path.abspath(resolve_audio_path(line["audio_filepath"], source))
+        lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+    return write_text_atomic(path, "".join(lines))

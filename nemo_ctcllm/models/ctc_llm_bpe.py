@@ -106,7 +106,14 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         """Build the LLM (when ``model.llm.checkpoint`` is set) on every rank before sanity validation and the
         first step, not lazily inside a step, where TP / DP peers would already wait for it in a collective."""
         super().on_fit_start()
-        if read_llm_block(self.cfg.get("llm"))["checkpoint"]:
+        llm = read_llm_block(self.cfg.get("llm"))
+        if llm["checkpoint"]:
+            from nemo_ctcllm.parallel import setup_llm_parallel
+
+            # the TP groups at one point of the life cycle on every rank, over the trainer's process group
+            # (whichever launcher started the job): nemo_ctcllm/parallel.py
+            world = self._trainer.world_size if self._trainer is not None else 1
+            setup_llm_parallel(world, llm["tensor_model_parallel_size"])
             self.llm  # the property builds and keeps the host
 
     # ------------------------------------------------------------------ what objectives see
@@ -139,9 +146,13 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         """(WER, word errors, reference words) of greedy CTC on ``log_probs`` [B, T, V+1] with this model's WER
         metric (its decoding settings); the metric is reset afterwards."""
         self.wer.update(predictions=log_probs, predictions_lengths=lengths, targets=targets, targets_lengths=target_len)
-        wer, num, denom = self.wer.compute()
+        # this batch's counts read from the metric's states, not through compute(): torchmetrics' compute()
+        # all-gathers over the ranks (sync_on_compute), a collective that a rank without labelled rows (no CTC
+        # term this step) would never reach. Corpus WER sums these counts over the epoch (_aggregate), then
+        # NeMo's epoch-end logging reduces it over the ranks, where every rank takes part.
+        num, denom = self.wer.scores.detach().float(), self.wer.words.detach().float()
         self.wer.reset()
-        return wer, num, denom
+        return num / denom.clamp(min=1), num, denom
 
     # ------------------------------------------------------------------ forward pieces
     def encode(self, signal: torch.Tensor, signal_len: torch.Tensor):
@@ -252,14 +263,20 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             self._consecutive_bad = 0
             return loss
         bad = [n for n, flag in zip(names, agreed.tolist()) if flag] or ["(weighted sum)"]
-        self._skipped_steps += 1
-        self._consecutive_bad += 1
-        self._skip_this_step = True
         batch = (
             f"batch {batch_nb} ({ctx.signal.shape[0]} utterances, audio samples {ctx.signal_len.tolist()}, "
             f"target lengths {ctx.target_len.tolist()})"
         )
-        where = f"step {self.global_step}, " + _per_rank(batch if bool(local.any()) else None)
+        self._mark_bad_step(f"non-finite loss in term(s) {bad}", _per_rank(batch if bool(local.any()) else None))
+        return loss
+
+    def _mark_bad_step(self, what: str, where: str) -> None:
+        """Count a skipped step (the same on every rank: ``what`` and ``where`` were agreed) and stop when
+        ``model.bad_steps`` says so (``NonFiniteLossError``), else warn."""
+        self._skipped_steps += 1
+        self._consecutive_bad += 1
+        self._skip_this_step = True
+        where = f"step {self.global_step}" + (f", {where}" if where else "")
         cfg = self._bad_steps
         if not cfg["skip"] or self._consecutive_bad >= cfg["max_consecutive"]:
             limit = f"model.bad_steps.max_consecutive={cfg['max_consecutive']}"
@@ -269,15 +286,27 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
                 else f"{self._consecutive_bad} consecutive steps ({limit})"
             )
             raise NonFiniteLossError(
-                f"non-finite loss in term(s) {bad} at {where}; stopping: {why}. "
+                f"{what} at {where}; stopping: {why}. "
                 f"{self._skipped_steps} step(s) skipped in total. Lower the learning rate or the term's weight, "
                 "or look for bad data in these batches"
             )
         logging.warning(
-            f"non-finite loss in term(s) {bad} at {where}: step skipped "
-            f"({self._skipped_steps} so far, {self._consecutive_bad} in a row)"
+            f"{what} at {where}: step skipped ({self._skipped_steps} so far, {self._consecutive_bad} in a row)"
         )
-        return loss
+
+    def _guard_non_finite_grads(self) -> None:
+        """A finite loss can still give an inf/NaN gradient (bf16 overflow in a backward, with no GradScaler to
+        catch it); clipping would then spread NaN into every weight. Checked after backward, before clipping,
+        agreed over every rank (one scalar all-reduce) and skipped like a non-finite loss."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        local = torch.stack([~torch.isfinite(g).all() for g in grads]).any() if grads else torch.tensor(False)
+        local = local.float().reshape(1).to(next(self.parameters()).device)
+        if bool(_all_ranks_max(local)[0]):
+            self._mark_bad_step(
+                "non-finite gradient", _per_rank("non-finite gradient here" if bool(local[0]) else None)
+            )
+        else:
+            self._consecutive_bad = 0
 
     def on_train_start(self):
         """After a mid-epoch resume Lightning's logging step lags ``global_step`` by one (the checkpoint is
@@ -321,7 +350,10 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             _set_rng_states(state["rng"])
 
     def on_before_optimizer_step(self, optimizer):
-        """Drop the gradients of a step marked by ``_guard_non_finite`` (marked on every rank alike)."""
+        """Drop the gradients of a step marked by ``_guard_non_finite`` or ``_guard_non_finite_grads`` (marked on
+        every rank alike)."""
+        if not self._skip_this_step:
+            self._guard_non_finite_grads()
         if self._skip_this_step:
             for p in self.parameters():
                 p.grad = None

@@ -359,7 +359,16 @@ def compose_loss(
             continue
         logs[f"{prefix}/{name}"] = loss.detach()
         if term.warmup_steps > 0:
-            logs[f"{prefix}/weight/{name}"] = torch.tensor(w)
+            logs[f"{prefix}/weight/{name}"] = on_device(w, total)
         for key, value in stats.items():
-            logs[f"{prefix}/{name}_{key}"] = value.detach() if torch.is_tensor(value) else torch.tensor(value)
+            logs[f"{prefix}/{name}_{key}"] = on_device(value, total)
     return total, logs
+
+
+def on_device(value, like: torch.Tensor) -> torch.Tensor:
+    """A logged value as a detached fp32 scalar on the loss's device: NeMo syncs every logged validation value over
+    the ranks (``log_dict(sync_dist=True)``), and NCCL refuses a CPU tensor (gloo does not, so CPU runs never
+    show it)."""
+    if torch.is_tensor(value):
+        return value.detach().to(device=like.device, dtype=torch.float32)
+    return torch.tensor(float(value), device=like.device)

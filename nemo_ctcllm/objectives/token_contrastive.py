@@ -134,6 +134,10 @@ def add_noise(signal: torch.Tensor, lengths: torch.Tensor, snr_db: float) -> tor
 class TokenContrastive(Objective):
     """SimCLR or BYOL between frame-aligned views of each utterance (docs/objectives.md)."""
 
+    # It needs no transcript, so it reads every row: a batch is never empty, and its extra training-mode encoder
+    # passes (collectives under sync_batchnorm) run on every rank at every step (docs/reliability.md).
+    uses_unlabelled = True
+
     def __init__(
         self,
         name: str,
@@ -259,7 +263,7 @@ class TokenContrastive(Objective):
             utt = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)[keep]  # [N]
             exclude = near_frames(utt, idx[keep], self.exclude_window)  # [N, N]
         loss, acc = info_nce(za, zb, self.temperature, self.negatives, exclude)
-        return loss, {"acc": acc, "frames": torch.tensor(float(za.shape[0]))}
+        return loss, {"acc": acc, "frames": za.new_tensor(float(za.shape[0]))}
 
     def byol(self, ctx: StepContext, enc_b: torch.Tensor, input_b) -> Tuple[torch.Tensor, Stats]:
         env = ctx.env
