@@ -453,3 +453,25 @@ def test_single_process_group_ignores_an_inherited_master_port():
         code = "from nemo_ctcllm.llm.host import init_single_process_distributed as f; f(); print('group ok')"
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "group ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_bf16_host_is_entirely_bf16_and_recompute_matches_under_autocast(tiny_ckpts):
+    """A bf16 LLM has every parameter in bf16 (megatron's torch-norm wrapper alone would leave the RMSNorms fp32),
+    scores close to the fp32 host, and under autocast activation recompute gives the loss and input gradient of the
+    run without it (the host runs outside autocast, so CheckpointFunction's re-run sees the same precision)."""
+    ckpt = tiny_ckpts["gqa_untied"]
+    hosts = {r: LLMHost(ckpt, tp_size=1, params_dtype=torch.bfloat16, activation_recompute=r) for r in (False, True)}
+    dtypes = {n: p.dtype for n, p in hosts[False].gpt.named_parameters()}
+    assert set(dtypes.values()) == {torch.bfloat16}, {n: d for n, d in dtypes.items() if d != torch.bfloat16}
+    assert any("norm" in n for n in dtypes)
+    torch.testing.assert_close(hosts[False].score(CORPUS[:2]), get_host(ckpt).score(CORPUS[:2]), atol=0.1, rtol=0.02)
+    ids, lengths, labels = probe_inputs(hosts[False].vocab_size)
+    results = {}
+    for recompute, host in hosts.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = host.embed(ids).detach().float().requires_grad_(True)  # [B, L, H]
+            token_loss, loss = host.forward_embeds(x, labels, lengths=lengths)
+        loss.backward()
+        results[recompute] = (token_loss.detach(), x.grad)
+    torch.testing.assert_close(results[True][0], results[False][0], atol=0, rtol=0)
+    torch.testing.assert_close(results[True][1], results[False][1], atol=0, rtol=0)

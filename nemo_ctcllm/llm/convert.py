@@ -263,7 +263,10 @@ def build_gpt_model(
         # attribute, not a buffer, so nothing extra lands in the state dict).
         rope.inv_freq = llama3_inv_freq(rope.inv_freq.float().cpu(), spec.rope_scaling)
     rope.inv_freq = rope.inv_freq.to(device)
-    return model.to(device)
+    # every parameter in params_dtype: megatron's torch-norm wrapper builds torch.nn.RMSNorm without a dtype, so a
+    # bf16 model would otherwise keep fp32 norms (mixed-dtype norms: no fused kernel, and fp32 activations after
+    # them)
+    return model.to(device=device, dtype=params_dtype)
 
 
 # ----------------------------------------------------------------------------- weights

@@ -46,12 +46,15 @@ IGNORE_INDEX = -100
 
 
 def _llm_call(fn):
-    """Run an LLM forward in the LLM's own parameter dtype, outside CPU autocast (the embedding lookup in
+    """Run an LLM forward in the LLM's own parameter dtype, outside autocast (CPU and CUDA; the embedding lookup in
     ``embed`` needs no guard: autocast leaves it alone), with activation recompute when it is on.
 
     Under ``trainer.precision=bf16-mixed`` on a CPU, autocast would hand bf16 activations to the frozen fp32
-    weights, and megatron's frozen-weight linear then fails in backward (bf16 gradient @ fp32 weight). On GPU
-    the weights are bf16 already and CUDA autocast is left alone.
+    weights, and megatron's frozen-weight linear then fails in backward (bf16 gradient @ fp32 weight). On GPU the
+    weights are bf16 already (every parameter, norms included: ``build_gpt_model``) and megatron manages its own
+    precision, as in its own training, which runs without autocast. Outside autocast, activation recompute
+    (megatron's ``CheckpointFunction``, which does not carry the autocast state into its backward re-run) recomputes
+    exactly the forward it replaces.
 
     Recompute: megatron's ``TransformerBlock`` recomputes only in training mode; the host switches that one
     flag (the block's own, not its layers') on for calls that build a graph, so no-grad scoring pays nothing
@@ -62,7 +65,7 @@ def _llm_call(fn):
         block = self.gpt.decoder
         block.training = self.activation_recompute and torch.is_grad_enabled()
         try:
-            with torch.autocast("cpu", enabled=False):
+            with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
                 return fn(self, *args, **kwargs)
         finally:
             block.training = False
