@@ -203,3 +203,16 @@ def test_config_errors_name_the_key(tokenizer_dir, block, message):
     with pytest.raises(ConfigError) as err:
         EncDecCTCLLMModelBPE(cfg)
     assert message in str(err.value)
+
+
+def test_text_cache_is_bounded_oldest_first(tokenizer_dir, tiny_llm, llm_process_group):
+    """text_cache_size: the cache never holds more transcripts than that; the oldest go first, and a step's own
+    transcripts are read before any eviction (features equal to the uncached ones)."""
+    model = make(tokenizer_dir, tiny_llm)
+    term, host = model.objectives["clip"], model.llm
+    term.text_cache_size = 2
+    feats = term.text_features(host, LLM_CORPUS[:3])  # 3 new transcripts in one step, then trimmed to 2
+    torch.testing.assert_close(feats, host.pooled_hidden(LLM_CORPUS[:3]), atol=1e-5, rtol=1e-5)
+    assert list(term._text_cache) == sorted(LLM_CORPUS[:3])[1:]  # inserted sorted; the first one went
+    term.text_features(host, [LLM_CORPUS[3]])
+    assert list(term._text_cache) == [sorted(LLM_CORPUS[:3])[2], LLM_CORPUS[3]]

@@ -54,9 +54,19 @@ class ClipObjective(TwoTowerInfoNCE):
         cache_text: bool,
         init_temperature: float,
         every_n_steps: int = 1,
+        text_cache_size: int = 100000,
     ):
         super().__init__(
-            name, weight, warmup_steps, d_audio, d_text, dim, cache_text, init_temperature, every_n_steps=every_n_steps
+            name,
+            weight,
+            warmup_steps,
+            d_audio,
+            d_text,
+            dim,
+            cache_text,
+            init_temperature,
+            every_n_steps=every_n_steps,
+            text_cache_size=text_cache_size,
         )
         self.attn_pool = AttentionPool(d_audio) if pool == "attention" else None
 
@@ -93,6 +103,7 @@ def build_clip(cfg: ClipConfig, env: ObjectiveEnv, key: str) -> List[Objective]:
             dim=cfg.dim,
             pool=cfg.pool,
             cache_text=cfg.cache_text,
+            text_cache_size=cfg.text_cache_size,
             init_temperature=float(cfg.init_temperature),
             **cfg.schedule(),
         )

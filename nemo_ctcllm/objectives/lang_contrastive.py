@@ -55,6 +55,7 @@ class LangContrastive(TwoTowerInfoNCE):
         cache_text: bool,
         init_temperature: float,
         every_n_steps: int = 1,
+        text_cache_size: int = 100000,
     ):
         super().__init__(
             name,
@@ -67,6 +68,7 @@ class LangContrastive(TwoTowerInfoNCE):
             init_temperature,
             every_n_steps=every_n_steps,
             capture_blocks=[reader.head_block] if reader.head_block else [],
+            text_cache_size=text_cache_size,
         )
         self.reader = reader
 
@@ -92,6 +94,7 @@ def build_lang_contrastive(cfg: LangContrastiveConfig, env: ObjectiveEnv, key: s
             d_llm=cfg.llm_hidden_size,
             dim=cfg.dim,
             cache_text=cfg.cache_text,
+            text_cache_size=cfg.text_cache_size,
             init_temperature=float(cfg.init_temperature),
             **cfg.schedule(),
         )

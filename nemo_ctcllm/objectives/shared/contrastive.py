@@ -16,10 +16,11 @@ Utterances that share a transcript (several voices reading one sentence) are not
 off-diagonal logits are masked out (-inf) in both directions.
 
 Text features depend only on the text (the LLM is frozen), so with ``cache_text`` they are kept per transcript on
-CPU ({text: [H] fp32}, ~2.3 KB per sentence for a 576-wide LLM). Under tensor parallelism the transcripts are
+CPU ({text: [H] fp32}, ~2.3 KB per sentence for a 576-wide LLM, 16 KB for an 8B one), at most
+``text_cache_size`` of them (the oldest go first). Under tensor parallelism the transcripts are
 first gathered within the TP group, so every TP rank asks the LLM for the same (missing) texts and caches all of
-them: the caches stay identical across the group and the LLM is either called by every rank of the group or by
-none.
+them: the caches stay identical across the group (eviction follows insertion order, which the group shares, not
+each rank's own reads) and the LLM is either called by every rank of the group or by none.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ContrastiveConfig(ObjectiveConfig):
 
     dim: int = 256  # width of the shared space
     cache_text: bool = True  # keep each transcript's LLM features (CPU)
+    text_cache_size: int = 100000  # at most this many transcripts cached (1.6 GB at an 8B LLM's width)
     init_temperature: float = 0.07  # learned; CLIP's initial value
     llm_hidden_size: Optional[int] = None  # null: read from model.llm.checkpoint at construction
 
@@ -62,6 +64,7 @@ class ContrastiveConfig(ObjectiveConfig):
         super().check(key, env)
         check_int(self.dim, f"{key}.dim", 1)
         check_bool(self.cache_text, f"{key}.cache_text")
+        check_int(self.text_cache_size, f"{key}.text_cache_size", 1)
         check_number(self.init_temperature, f"{key}.init_temperature", 0.01, 1.0)  # CLIP's clamp
         check_llm_hidden_size(self.llm_hidden_size, f"{key}.llm_hidden_size")
 
@@ -83,31 +86,32 @@ class TwoTowerInfoNCE(Objective):
         init_temperature: float,
         every_n_steps: int = 1,
         capture_blocks=None,
+        text_cache_size: int = 100000,
     ):
         super().__init__(name, weight, warmup_steps, capture_blocks=capture_blocks, every_n_steps=every_n_steps)
         self.audio_proj = nn.Linear(d_query, dim)
         self.text_proj = nn.Linear(d_text, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.cache_text = cache_text
+        self.text_cache_size = text_cache_size
         self._text_cache: Dict[str, Tensor] = {}  # text -> [H] fp32 on CPU; plain dict: not in state_dict
 
     @torch.no_grad()
     def text_features(self, host, texts: Sequence[str]) -> Tensor:
         """Frozen-LLM features of this rank's transcripts [b, H] fp32 (TP-safe, cached; see module docstring)."""
         all_texts, rows = gather_objects(texts)  # identical list on every rank of the TP group
-        if not all_texts or (self.cache_text and not texts):  # no row (here, or in the whole TP group)
-            missing = sorted({t for t in all_texts if t not in self._text_cache})
-            if missing:  # the group's other ranks ask the LLM for these: join them, and cache them alike
-                for t, f in zip(missing, host.pooled_hidden(missing).float().cpu()):
-                    self._text_cache[t] = f
+        if not all_texts:  # no row in the whole TP group: no rank calls the LLM
             return torch.zeros(0, self.text_proj.in_features)  # [0, H]
-        if not self.cache_text:
+        if not self.cache_text:  # every rank of the group calls the LLM, also one with no row
             return host.pooled_hidden(all_texts).float()[rows]
         missing = sorted({t for t in all_texts if t not in self._text_cache})
-        if missing:
+        if missing:  # the same texts on every rank of the group: they call the LLM together and cache alike
             for t, f in zip(missing, host.pooled_hidden(missing).float().cpu()):
                 self._text_cache[t] = f
-        return torch.stack([self._text_cache[t] for t in texts])
+        out = torch.stack([self._text_cache[t] for t in texts]) if texts else torch.zeros(0, self.text_proj.in_features)
+        while len(self._text_cache) > self.text_cache_size:  # oldest first (dicts keep insertion order)
+            del self._text_cache[next(iter(self._text_cache))]
+        return out
 
     def contrastive(self, pooled: Tensor, text_feats: Tensor, texts: Sequence[str]) -> Tuple[Tensor, Stats]:
         """pooled [b, D] queries, text_feats [b, H] -> (symmetric InfoNCE over the DP-gathered batch, stats)."""
