@@ -19,8 +19,14 @@ takes the blocks b ≡ i (mod n), each block's utterances are batched by duratio
 by the LLM once, in length-sorted chunks, within the block. A block's result is therefore the same in any shard
 and any run, so shards merge to exactly the unsharded output and a resumed run equals an uninterrupted one. Each
 finished block is one appended, flushed line of ``labels.<i>of<n>.jsonl``; a rerun skips the blocks already there
-(a torn last line from a kill is cut off). The filter (``min_confidence``, ``keep_fraction``) acts when the
-manifest is written (:func:`finalize`), over all shards together.
+(a torn last line from a kill is cut off). The filter (``min_confidence``, ``keep_fraction``) and the temperature act
+when the manifest is written (:func:`finalize`), over all shards together: each label keeps its candidates' scores,
+so the confidence can be recalibrated without labelling again.
+
+Calibration: T = 1 ranks the labels well but is far from a probability (the length-normalised scores of rival
+hypotheses are close). Label a manifest *with* transcripts (a dev set) with the same teacher: its summary gives
+``fitted_temperature``, the T that minimises the cross-entropy between the confidence and "the label is exactly
+right"; pass it as ``--temperature`` when writing the unlabelled pool's manifest.
 """
 
 from __future__ import annotations
@@ -47,7 +53,6 @@ SUMMARY = "summary.json"
 class LabelSettings:
     nbest: int = 8  # N of the N-best (the candidates of the confidence, and of the LLM ranking)
     llm_weight: float = 0.5  # λ of a + λ·l (used only with an LLM)
-    temperature: float = 1.0  # T of the confidence
     batch_size: int = 16  # utterances per acoustic forward
     block_size: int = 64  # utterances per unit of work (resume, sharding, LLM batching)
     llm_batch_size: int = 64  # hypotheses per LLM forward
@@ -59,8 +64,6 @@ def check_settings(s: LabelSettings) -> None:
         v = getattr(s, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
-    if not (isinstance(s.temperature, (int, float)) and 0 < s.temperature < float("inf")):
-        raise ValueError(f"--temperature must be a positive finite number, got {s.temperature!r}")
     if not (isinstance(s.llm_weight, (int, float)) and abs(s.llm_weight) < float("inf")):
         raise ValueError(f"--llm-weight must be a finite number, got {s.llm_weight!r}")
 
@@ -194,10 +197,33 @@ def greedy_ids(log_probs: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
     return collapse_paths(log_probs.argmax(-1), lengths, blank=log_probs.shape[-1] - 1)
 
 
-def confidence(scores: Sequence[float], token_counts: Sequence[int], chosen: int, temperature: float) -> float:
-    """softmax_c(s_c / (T·max(1, |c|))) at ``chosen``: the label's posterior among the candidates."""
-    z = torch.tensor([s / (temperature * max(1, n)) for s, n in zip(scores, token_counts)], dtype=torch.float64)
-    return float(torch.softmax(z, 0)[chosen])
+def confidence(row: dict, temperature: float = 1.0) -> float:
+    """softmax_c(s_c / (T·max(1, |c|))) at the label: its posterior among the row's candidates."""
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"--temperature must be a positive finite number, got {temperature!r}")
+    z = torch.tensor([s / max(1, n) for s, n in zip(row["scores"], row["tokens"])], dtype=torch.float64)
+    return float(torch.softmax(z / temperature, 0)[row["chosen"]])
+
+
+def fit_temperature(rows: Sequence[dict], refs: Sequence[str]) -> dict:
+    """The T (on a log grid, 0.01..10) minimising the binary cross-entropy between the confidence and "the label is
+    exactly the reference"; with the expected calibration error (5 equal-count bins) at it and at T = 1."""
+    from nemo_ctcllm.evaluate import normalize_text
+
+    right = torch.tensor([normalize_text(r["label"]) == normalize_text(t) for r, t in zip(rows, refs)]).double()
+
+    def probs(t: float):
+        return torch.tensor([confidence(r, t) for r in rows], dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+
+    def ece(p):
+        order = p.argsort()
+        bins = [order[k * len(order) // 5 : (k + 1) * len(order) // 5] for k in range(5)]
+        return float(sum(abs(p[b].mean() - right[b].mean()) * len(b) for b in bins if len(b)) / len(order))
+
+    grid = [10 ** (k / 20) for k in range(-40, 21)]
+    nll = [float(torch.nn.functional.binary_cross_entropy(probs(t), right)) for t in grid]
+    best = grid[min(range(len(grid)), key=nll.__getitem__)]
+    return {"temperature": round(best, 4), "ece": round(ece(probs(best)), 4), "ece_at_1": round(ece(probs(1.0)), 4)}
 
 
 def llm_scores(host, texts: Sequence[str], chunk: int) -> Dict[str, float]:
@@ -254,13 +280,13 @@ def label_block(model, utts: Sequence[Utterance], settings: LabelSettings, host=
         lam = settings.llm_weight if host is not None else 0.0
         total = [f["cands"][t][0] + lam * lm.get(t, 0.0) for t in texts]
         chosen = max(range(len(texts)), key=lambda c: (total[c], -c)) if host is not None else texts.index(f["greedy"])
-        conf = confidence(total, [f["cands"][t][1] for t in texts], chosen, settings.temperature)
         rows.append(
             {
                 "key": u.key,
                 "label": texts[chosen],
-                "confidence": round(conf, 6),
-                "candidates": len(texts),
+                "chosen": chosen,
+                "scores": [round(x, 5) for x in total],  # s_c of every candidate (the confidence's inputs)
+                "tokens": [f["cands"][t][1] for t in texts],
                 "acoustic": round(f["cands"][texts[chosen]][0], 4),
                 **({"llm": round(lm[texts[chosen]], 4)} if host is not None else {}),
             }
@@ -406,7 +432,7 @@ def select(rows: Sequence[dict], min_confidence: Optional[float], keep_fraction:
     return keep
 
 
-def calibration(rows: Sequence[dict], refs: Sequence[str], bins: int = 5) -> List[dict]:
+def calibration(rows: Sequence[dict], refs: Sequence[str], bins: int = 5) -> List[dict]:  # rows with confidence
     """Per confidence quantile bin: mean confidence, the share of labels exactly right, and the labels' WER."""
     from nemo.collections.asr.metrics.wer import word_error_rate
 
@@ -437,6 +463,7 @@ def finalize(
     min_confidence: Optional[float] = None,
     keep_fraction: Optional[float] = None,
     run: Optional[dict] = None,
+    temperature: float = 1.0,
 ) -> dict:
     """Merge every shard, filter, write ``pseudo_labels.json`` (a NeMo training manifest) and ``summary.json``."""
     from nemo.collections.asr.metrics.wer import word_error_rate
@@ -451,6 +478,7 @@ def finalize(
     rows = collect(out_dir, len(utts), record["block_size"], record["shards"])
     if [r["key"] for r in rows] != [u.key for u in utts]:
         raise RuntimeError(f"{out_dir}: the labels do not match the manifests' lines; relabel into a new folder")
+    rows = [{**r, "confidence": round(confidence(r, temperature), 6)} for r in rows]
     keep = select(rows, min_confidence, keep_fraction)
     source = "greedy" if record["llm"] is None else "llm"
     lines = [
@@ -476,6 +504,7 @@ def finalize(
         "dropped_filter": sum(bool(r["label"].strip()) and not k for r, k in zip(rows, keep)),
         "kept_hours": round(sum(line["duration"] for line in lines) / 3600, 4),
         "filter": {"min_confidence": min_confidence, "keep_fraction": keep_fraction},
+        "temperature": temperature,
         "settings": record,
         "mean_confidence": round(sum(r["confidence"] for r in rows) / len(rows), 4),
     }
@@ -495,6 +524,7 @@ def finalize(
             if any(keep)
             else None,
             "calibration": calibration(rows, refs),
+            "fitted_temperature": fit_temperature(rows, refs),
         }
     write_json(os.path.join(out_dir, SUMMARY), summary)
     return summary

@@ -43,7 +43,12 @@ def main(argv=None):
     d = pl.LabelSettings()
     ap.add_argument("--nbest", type=int, default=d.nbest, help="N (default: %(default)s)")
     ap.add_argument("--llm-weight", type=float, default=d.llm_weight, help="λ (default: %(default)s)")
-    ap.add_argument("--temperature", type=float, default=d.temperature, help="of the confidence (default: 1)")
+    ap.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="of the confidence (default: 1); a labelled dev set's summary.json gives a fitted one",
+    )
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="utterances per acoustic forward")
     ap.add_argument("--block-size", type=int, default=d.block_size, help="utterances per unit of work/resume")
     ap.add_argument("--llm-batch-size", type=int, default=d.llm_batch_size, help="hypotheses per LLM forward")
@@ -58,13 +63,13 @@ def main(argv=None):
         settings = pl.LabelSettings(
             nbest=args.nbest,
             llm_weight=args.llm_weight,
-            temperature=args.temperature,
             batch_size=args.batch_size,
             block_size=args.block_size,
             llm_batch_size=args.llm_batch_size,
         )
         pl.check_settings(settings)
         pl.select([], args.min_confidence, args.keep_fraction)  # the filter's own checks, before any work
+        pl.confidence({"scores": [0.0], "tokens": [1], "chosen": 0}, args.temperature)  # and the temperature's
         shard = pl.parse_shard(args.shard)
         run = None
         if not args.merge:
@@ -76,7 +81,9 @@ def main(argv=None):
                     print(f"shard {shard[0]}/{shard[1]} done; merge with --merge when every shard is")
                     return None
                 wait_for_shards(args, settings, shard[1])  # torchrun: rank 0 merges once every rank is done
-        summary = pl.finalize(args.manifest, args.out_dir, args.min_confidence, args.keep_fraction, run)
+        summary = pl.finalize(
+            args.manifest, args.out_dir, args.min_confidence, args.keep_fraction, run, temperature=args.temperature
+        )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -87,6 +94,7 @@ def main(argv=None):
         print(
             f"labels vs the manifests' text: WER {100 * t['label_wer_all']:.2f} % (all), {t['label_wer_kept']} (kept)"
         )
+        print(f"fitted temperature (use it as --temperature for audio of this kind): {t['fitted_temperature']}")
     print(f"wrote {os.path.join(args.out_dir, pl.MANIFEST)} and {pl.SUMMARY}")
     return summary
 

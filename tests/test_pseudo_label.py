@@ -93,7 +93,8 @@ def test_llm_labels_are_the_argmax_and_confidence_the_posterior(teacher, tiny_ll
         best = max(range(len(texts)), key=lambda c: total[c])
         assert row["label"] == texts[best]
         z = torch.tensor([s / max(1, cands[t][1]) for s, t in zip(total, texts)], dtype=torch.float64)
-        assert row["confidence"] == pytest.approx(float(torch.softmax(z, 0)[best]), abs=2e-6)
+        assert pl.confidence(row) == pytest.approx(float(torch.softmax(z, 0)[best]), abs=2e-5)
+        assert pl.confidence(row, 0.5) == pytest.approx(float(torch.softmax(2 * z, 0)[best]), abs=2e-5)
         changed += texts[best] != greedy
     assert changed > 0  # the LLM did re-rank some utterances (else this test would not tell the rule apart)
     lines = [json.loads(x) for x in _manifest(out).splitlines()]
@@ -172,7 +173,7 @@ def test_filter_keeps_what_it_says(llm_run, pool, tmp_path):
     kept = [json.loads(x) for x in _manifest(folder).splitlines()]
     assert s["kept"] == len(kept) == 16
     everything = pl.collect(str(folder), 32, 4, 1)
-    threshold = sorted(r["confidence"] for r in everything)[-16]
+    threshold = sorted(round(pl.confidence(r), 6) for r in everything)[-16]
     assert min(x["pl_confidence"] for x in kept) >= threshold
 
 
@@ -220,8 +221,11 @@ def test_other_settings_in_the_same_folder_are_refused(teacher, pool, tmp_path, 
     out = str(tmp_path / "o")
     main(["--model", teacher, "--manifest", pool, "--out-dir", out, *SETTINGS])
     with pytest.raises(SystemExit):
-        main(["--model", teacher, "--manifest", pool, "--out-dir", out, *SETTINGS, "--temperature", "2"])
-    assert "temperature differ" in capsys.readouterr().err
+        main(["--model", teacher, "--manifest", pool, "--out-dir", out, *SETTINGS, "--nbest", "3"])
+    assert "nbest differ" in capsys.readouterr().err
+    # the temperature acts when the manifest is written: no relabelling
+    summary = main(["--manifest", pool, "--out-dir", out, "--merge", "--temperature", "0.5"])
+    assert summary["temperature"] == 0.5
 
 
 def test_checkpoint_average_is_the_mean_of_the_weights(teacher, tmp_path):
@@ -233,3 +237,20 @@ def test_checkpoint_average_is_the_mean_of_the_weights(teacher, tmp_path):
     avg = pl.load_teacher(teacher, [str(tmp_path / "a.ckpt"), str(tmp_path / "b.ckpt")]).state_dict()
     k = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
     torch.testing.assert_close(avg[k], state[k] + 1.0)
+
+
+def test_fitted_temperature_recovers_the_one_that_made_the_data():
+    """Rows whose label is right with probability softmax(s / T0): the fitted T is T0 (within the grid's step), and
+    it calibrates (expected calibration error below T = 1's)."""
+    g = torch.Generator().manual_seed(0)
+    rows, refs = [], []
+    for _ in range(3000):
+        a = float(torch.rand((), generator=g)) * 2
+        right = bool(torch.rand((), generator=g) < torch.sigmoid(torch.tensor(a / 0.3)))
+        rows.append({"label": "yes", "scores": [a, 0.0], "tokens": [1, 1], "chosen": 0})
+        refs.append("yes" if right else "no")
+    fit = pl.fit_temperature(rows, refs)
+    assert 0.25 <= fit["temperature"] <= 0.36
+    assert fit["ece"] < fit["ece_at_1"]
+    with pytest.raises(ValueError, match="--temperature"):
+        pl.confidence(rows[0], 0.0)

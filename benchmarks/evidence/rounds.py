@@ -4,7 +4,7 @@
     python -m benchmarks.evidence.rounds label --work W --kinds greedy,llm --rounds 1 --seeds 0,1,2
     python -m benchmarks.evidence.rounds train --work W --arms control,st_greedy,st_llm --rounds 1 --seeds 0,1,2
     python -m benchmarks.evidence.rounds test  --work W --arms control,st_greedy,st_llm --rounds 2 --seeds 0,1,2
-    python -m benchmarks.evidence.rounds report --work W
+    python -m benchmarks.evidence.rounds report --work W   # tables and plots -> docs/RESULTS.md section 12
 
 ``W`` is the evidence benchmark's work folder after its ``base`` and ``domain`` stages. The unlabelled pool is all
 of the domain's unlabelled audio (5,000 utterances, 10x the 500 labelled). Round r labels the whole pool with
@@ -102,7 +102,9 @@ def label_stage(p: RoundPaths, arm: str, rnd: int, seed: int, llm: str, log=prin
     host = LLMHost(llm, tp_size=1) if kind == "llm" else None
     run = pl.label_shard(model, [p.pool], folder, settings, host, teacher_id=pl.file_digest(model_path), log=log)
     summary = pl.finalize([p.pool], folder, run=run)
-    rows = pl.collect(folder, summary["utterances"], settings.block_size, 1)
+    rows = [
+        {**r, "confidence": pl.confidence(r)} for r in pl.collect(folder, summary["utterances"], settings.block_size, 1)
+    ]
     truth = _read_json(os.path.join(p.domain, "sentences.json"))["unlabelled"]
     from nemo.collections.asr.metrics.wer import word_error_rate
 
@@ -118,7 +120,7 @@ def label_stage(p: RoundPaths, arm: str, rnd: int, seed: int, llm: str, log=prin
         "label_wer": round(word_error_rate(hyps, refs), 4),
         "mean_confidence": summary["mean_confidence"],
         "calibration": pl.calibration(rows, refs),
-        "settings": {k: summary["settings"][k] for k in ("nbest", "llm_weight", "temperature")},
+        "settings": {k: summary["settings"][k] for k in ("nbest", "llm_weight")},
         "seconds_this_run": run["seconds"],
         "utt_per_s_this_run": round(run["labelled"] / run["seconds"], 3) if run["seconds"] else None,
     }
@@ -133,9 +135,66 @@ def train_stage(p: RoundPaths, arm: str, rnd: int, seed: int, llm: str, threads:
     return arm_stage(p, round_arm(arm, rnd, seed), seed, FINETUNE_PL, llm, threads=threads, log=log)
 
 
+def labels_table(results_dir: str) -> str:
+    """Every labelling of the pool: its teacher, the labels' WER against the sentences the audio speaks, time."""
+    import glob
+
+    rows = [_read_json(f) for f in sorted(glob.glob(os.path.join(results_dir, "labels_*.json")))]
+    lines = [
+        "| labels | round | seed | teacher | utterances | label WER % | mean confidence (T = 1) | minutes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["round"], r["kind"], r["seed"] or 0)):
+        lines.append(
+            f"| {r['kind']} | {r['round']} | {'all' if r['seed'] is None else r['seed']} | `{r['teacher']}` |"
+            f" {r['utterances']:,} | {100 * r['label_wer']:.2f} | {r['mean_confidence']:.3f} |"
+            f" {r['seconds_this_run'] / 60:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def passes_line(results) -> str:
+    """Validations run once per pass over the training manifest: how many passes each arm made."""
+    out = []
+    for arm in sorted(results):
+        counts = sorted({len(r["dev_curve"]) for r in results[arm].values()})
+        out.append(f"`{arm}` {'/'.join(map(str, counts))}")
+    return "Passes over the training manifest (validations, one per pass): " + ", ".join(out) + "."
+
+
+def report(p: RoundPaths, report_path: str, plot_dir: str, name: str = RESULTS_DEFAULT) -> str:
+    from benchmarks.evidence.run import dev_table, load_results, plots, test_table, versus_table, write_section
+
+    results = load_results(p.results)
+    if "control" not in results:
+        raise RuntimeError(f"no control result under {p.results}: run the train stage for 'control' first")
+    rel = os.path.relpath(plot_dir, os.path.dirname(os.path.abspath(report_path)))
+    written = plots(results, plot_dir, prefix=name)
+    pairs = [(f"st_llm_r{r}", f"st_greedy_r{r}") for r in (1, 2, 3)]
+    text = [
+        "**Labels of the pool** (5,000 utterances; WER against the sentences the audio speaks, which no manifest"
+        " holds):",
+        "",
+        labels_table(p.results),
+        "**Dev** (paired with the control by seed; one configuration per arm, none tuned here):",
+        "",
+        dev_table(results),
+        passes_line(results),
+        "",
+    ]
+    if any("test_seen" in r["metrics"] for runs in results.values() for r in runs.values()):
+        text += ["**Test** (scored once per final configuration):", "", test_table(results)]
+    text += ["**LLM-ranked vs greedy labels**, paired by seed:", "", versus_table(results, pairs)]
+    text += [" ".join(f"![{os.path.basename(w)}]({rel}/{os.path.basename(w)})" for w in written), ""]
+    body = "\n".join(text)
+    header = "### Pseudo-label rounds tables (generated by `benchmarks/evidence/rounds.py report`)\n"
+    write_section(report_path, body, header, name)
+    return body
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["label", "train", "test"])
+    ap.add_argument("stage", choices=["label", "train", "test", "report"])
     ap.add_argument("--work", required=True)
     ap.add_argument("--results", default=os.path.join(REPO, "docs", "results", RESULTS_DEFAULT))
     ap.add_argument("--arms", default="control,st_greedy,st_llm")
@@ -146,6 +205,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     p = RoundPaths(args.work, args.results)
+    if args.stage == "report":
+        docs = os.path.join(REPO, "docs")
+        name = os.path.basename(os.path.normpath(p.results))
+        print(report(p, os.path.join(docs, "RESULTS.md"), os.path.join(docs, "results"), name))
+        return
     arms = args.arms.split(",")
     unknown = [a for a in arms if a != "control" and a not in KINDS]
     if unknown:

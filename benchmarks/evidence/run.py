@@ -632,11 +632,13 @@ def base_dev_score(p: Paths) -> dict:
 
 
 def load_results(results: str) -> Dict[str, Dict[int, dict]]:
-    """{arm: {seed: result}} of every arm result file under ``results``."""
+    """{arm: {seed: result}} of every arm result file under ``results`` (other records there, e.g. a labelling's,
+    are not arms)."""
     out: Dict[str, Dict[int, dict]] = {}
     for path in sorted(glob.glob(os.path.join(results, "*_s*.json"))):
         r = _read_json(path)
-        out.setdefault(r["arm"], {})[r["seed"]] = r
+        if "arm" in r:
+            out.setdefault(r["arm"], {})[r["seed"]] = r
     return out
 
 
