@@ -93,7 +93,7 @@ def train(
         }
     )
     if "token_contrastive" in model.objectives:  # the optimizer update count of BYOL's last EMA step
-        out["ema_step"] = model.objectives["token_contrastive"]._ema_step
+        out["ema_step"] = getattr(model.objectives["token_contrastive"], "_ema_step", None)
     return out
 
 
