@@ -290,3 +290,17 @@ def test_config_errors_name_the_key(tokenizer_dir, key, value):
 def test_unknown_key_is_rejected(tokenizer_dir):
     with pytest.raises(ConfigError, match="token_contrastive: unknown key"):
         make(tokenizer_dir, token_contrastive={"temprature": 0.1})
+
+
+@pytest.mark.parametrize("mode", ["simclr", "byol"])
+def test_no_pass_changes_the_batch(tokenizer_dir, mode):
+    """NeMo's preprocessor dithers its input in place in training mode; every pass (the model's and the two
+    views') goes through a copy, so the batch's signal is the same after the step (before: each pass added
+    noise to it, and the next term read a changed batch)."""
+    model = fake_trainer(make(tokenizer_dir, token_contrastive=SIMCLR if mode == "simclr" else BYOL))
+    model.preprocessor.featurizer.dither = 1e-3
+    model.train()
+    batch = audio_batch(lengths=SHORT)
+    signal = batch[0].clone()
+    model.training_step(batch, 0)["loss"].backward()
+    assert torch.equal(batch[0], signal)

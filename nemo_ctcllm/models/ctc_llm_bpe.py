@@ -24,6 +24,9 @@ from nemo_ctcllm.objectives.base import ObjectiveEnv, StepContext, build_objecti
 # model.bad_steps: what a non-finite (NaN/inf) training loss does. skip: the step is dropped (no parameter,
 # optimizer-state or EMA update) and counted; max_consecutive such steps in a row stop training.
 BAD_STEP_DEFAULTS = {"skip": True, "max_consecutive": 20}
+# model.grad_shares: every_n_steps > 0 logs, on those training steps, each term's push on the encoder
+# (_grad_shares); 0 (the default) costs nothing.
+GRAD_SHARE_DEFAULTS = {"every_n_steps": 0}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,6 +51,9 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         if trainer is not None and llm["checkpoint"]:  # training: fail before the first step, not at it
             _check_llm_folder(llm["checkpoint"], llm["tensor_model_parallel_size"])
         self._bad_steps = _read_bad_steps(cfg.get("bad_steps"))
+        shares = merge_block(cfg.get("grad_shares"), GRAD_SHARE_DEFAULTS, "model.grad_shares")
+        check_int(shares.every_n_steps, "model.grad_shares.every_n_steps", 0)
+        self._grad_share_every = int(shares.every_n_steps)
         super().__init__(cfg=cfg, trainer=trainer)
         env = self.objective_env()
         self.objectives, filled = build_objectives(self.cfg.get("objectives"), env)
@@ -134,7 +140,7 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             ctc_wer=self._ctc_wer,
             final_head=self.decoder,
             encoder=self.encoder,
-            preprocessor=self.preprocessor,
+            preprocessor=self.preprocess,
             spec_augment=self.spec_augmentation,
             model_guid=self.model_guid,
         )
@@ -155,12 +161,21 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         return num / denom.clamp(min=1), num, denom
 
     # ------------------------------------------------------------------ forward pieces
+    def preprocess(self, input_signal: torch.Tensor, length: torch.Tensor):
+        """NeMo's preprocessor on a copy of the signal when it dithers: its training-mode dither adds noise to the
+        caller's tensor in place, so every pass (the model's, an objective's extra views) would otherwise change
+        the batch the next one reads. input_signal [B, S], length [B] -> features [B, F, T'], lengths [B]."""
+        dither = getattr(getattr(self.preprocessor, "featurizer", None), "dither", 0.0)
+        if self.preprocessor.training and dither:
+            input_signal = input_signal.clone()
+        return self.preprocessor(input_signal=input_signal, length=length)
+
     def encode(self, signal: torch.Tensor, signal_len: torch.Tensor):
         """The parent's forward, also returning the encoder output.
 
         signal [B, S], signal_len [B] -> encoded [B, D, T], encoded_len [B], log_probs [B, T, V+1]
         """
-        processed, processed_len = self.preprocessor(input_signal=signal, length=signal_len)  # [B, F, T']
+        processed, processed_len = self.preprocess(input_signal=signal, length=signal_len)  # [B, F, T']
         if self.spec_augmentation is not None and self.training:
             processed = self.spec_augmentation(input_spec=processed, length=processed_len)
         encoded, encoded_len = self.encoder(audio_signal=processed, length=processed_len)  # [B, D, T]
@@ -227,7 +242,11 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         log_every_n_steps = self._trainer.log_every_n_steps if self._trainer is not None else 1
         compute_wer = (batch_nb + 1) % log_every_n_steps == 0
         ctx = self.step_context(batch, compute_wer=compute_wer)
-        loss, logs = compose_loss(self.objectives, ctx, step=self.global_step, prefix="train")
+        every = self._grad_share_every
+        weighted = {} if every and self.global_step % every == 0 else None
+        loss, logs = compose_loss(self.objectives, ctx, step=self.global_step, prefix="train", weighted=weighted)
+        if weighted is not None:
+            logs.update(self._grad_shares(weighted, ctx))
         if self.semi_supervised:  # a rank whose rows are all unlabelled runs no CTC head: keep every parameter in
             trainable = [p.sum() for p in self.parameters() if p.requires_grad]  # its graph for DDP (zero grad)
             loss = loss + 0.0 * torch.stack(trainable).sum()
@@ -244,6 +263,38 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         if compute_wer and "train/ctc_final_wer" in logs:
             logs["training_batch_wer"] = logs["train/ctc_final_wer"]
         return {"loss": loss, "log": logs}
+
+    def _grad_shares(self, weighted: Dict[str, torch.Tensor], ctx: StepContext) -> Dict[str, torch.Tensor]:
+        """Each term's push on the encoder, for ``train/grad_norm|grad_share|grad_cos|grad_out_norm/<term>``.
+
+        For term i with weighted loss L_i = w_i·loss_i: g_i = dL_i/dθ over the encoder's trainable parameters θ,
+        share_i = |g_i| / Σ_j |g_j|, cos_i = <g_i, g_ctc_final> / (|g_i|·|g_ctc_final|), and |dL_i/dh| for the final
+        encoder output h. One extra backward per term (retain_graph), on logging steps only; the step's own
+        backward and gradients are unchanged. Every rank differentiates every term in the same order (a term that
+        did not run here: 0·h), so the backward collectives (the LLM's TP group, SyncBatchNorm) match."""
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        names = sorted(self.objectives, key=lambda n: n != "ctc_final")  # ctc_final first: the cosines' reference
+        grads, out_norms = {}, {}
+        for name in names:
+            term = weighted.get(name)
+            if term is None or not term.requires_grad:
+                term = 0.0 * ctx.encoded.sum()
+            g = torch.autograd.grad(term, [*params, ctx.encoded], retain_graph=True, allow_unused=True)
+            grads[name] = [x if x is not None else torch.zeros_like(p) for x, p in zip(g[:-1], params)]
+            out_norms[name] = g[-1].norm() if g[-1] is not None else ctx.encoded.new_zeros(())
+        norms = {n: torch.sqrt(sum((x.float() ** 2).sum() for x in g)) for n, g in grads.items()}
+        total = sum(norms.values()).clamp(min=1e-30)
+        ref = grads.get("ctc_final")
+        logs = {}
+        for name in names:
+            logs[f"train/grad_norm/{name}"] = norms[name].detach()
+            logs[f"train/grad_share/{name}"] = (norms[name] / total).detach()
+            logs[f"train/grad_out_norm/{name}"] = out_norms[name].detach()
+            if ref is not None:
+                dot = sum((a.float() * b.float()).sum() for a, b in zip(grads[name], ref))
+                cos = dot / (norms[name] * norms["ctc_final"]).clamp(min=1e-30)
+                logs[f"train/grad_cos/{name}"] = cos.detach()
+        return logs
 
     def _guard_non_finite(self, loss: torch.Tensor, logs: Dict[str, torch.Tensor], ctx: StepContext, batch_nb: int):
         """A NaN/inf loss never reaches the weights, and every rank takes the same decision before backward.
