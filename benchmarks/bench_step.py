@@ -143,7 +143,11 @@ def step_fn(model, batch, plain):
     from nemo_ctcllm.objectives import compose_loss
 
     ctx = model.step_context(batch, compute_wer=False)
-    return compose_loss(model.objectives, ctx, step=10**6, prefix="train")[0]
+    weighted = {} if getattr(model, "_grad_share_every", 0) else None  # model.grad_shares: a logging step
+    loss = compose_loss(model.objectives, ctx, step=10**6, prefix="train", weighted=weighted)[0]
+    if weighted is not None:
+        model._grad_shares(weighted, ctx)
+    return loss
 
 
 def llm_floor_step(model, batch):

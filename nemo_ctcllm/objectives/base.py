@@ -314,7 +314,11 @@ def build_objectives(
 
 
 def compose_loss(
-    terms: torch.nn.ModuleDict, ctx: StepContext, step: int, prefix: str
+    terms: torch.nn.ModuleDict,
+    ctx: StepContext,
+    step: int,
+    prefix: str,
+    weighted: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The one place where the total loss is made: ``sum_i w_i(step) * loss_i``.
 
@@ -333,7 +337,8 @@ def compose_loss(
     same on every rank); a ``tp_collective`` term runs also on a rank with no row for it, and its loss there is
     added (so that its backward runs the same collectives as its peers') but not logged; a term at weight 0 is
     added as ``0 * loss`` (its parameters get a zero gradient, so ``strategy: ddp`` finds none unused).
-    Returns (total loss, logs).
+    Returns (total loss, logs). ``weighted``, when given, receives each added term's w_i * loss_i (in the graph:
+    the gradient-share logging differentiates them one by one).
     """
     total = ctx.log_probs.new_zeros(())
     logs: Dict[str, torch.Tensor] = {}
@@ -355,6 +360,8 @@ def compose_loss(
             continue
         w = term.effective_weight(step)
         total = total + w * loss  # also at w = 0 and on an empty view: the same graph (collectives) on every rank
+        if weighted is not None:
+            weighted[name] = w * loss
         if empty:
             continue
         logs[f"{prefix}/{name}"] = loss.detach()
