@@ -49,6 +49,19 @@ def tokenizer_dir(tmp_path_factory):
     return build_bpe_tokenizer_from_texts(sentences, str(tmp_path_factory.mktemp("tok")), vocab_size=64)
 
 
+@pytest.fixture(scope="session")
+def tiny_nemo_file(tokenizer_dir, demo_corpus, tmp_path_factory):
+    """A tiny random model (:func:`tiny_model_cfg`, seed 0) saved as a ``.nemo``: its outputs are noise, but real
+    enough for decoding and labelling mechanics."""
+    from nemo_ctcllm.models import EncDecCTCLLMModelBPE
+
+    torch.manual_seed(0)
+    model = EncDecCTCLLMModelBPE(tiny_model_cfg(tokenizer_dir, demo_corpus["train"], demo_corpus["dev"]))
+    path = str(tmp_path_factory.mktemp("model") / "model.nemo")
+    model.save_to(path)
+    return path
+
+
 def tiny_model_cfg(tokenizer_dir, train_manifest=None, val_manifest=None, **objectives):
     """The real recipe (conf/conformer_ctc_llm.yaml) shrunk: d_model 32, 4 blocks, classic batches."""
     cfg = OmegaConf.load(CONF / "conformer_ctc_llm.yaml")

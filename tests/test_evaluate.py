@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, tiny_model_cfg
+from conftest import REPO
 
 from nemo_ctcllm.decoding.llm_rerank import audio_batches
 from nemo_ctcllm.decoding.nbest import ctc_prefix_beam_search
 from nemo_ctcllm.evaluate import normalize_text, score
-from nemo_ctcllm.models import EncDecCTCLLMModelBPE
 
 NBEST = 4
 
@@ -25,12 +24,8 @@ def _script():
 
 
 @pytest.fixture(scope="module")
-def nemo_file(tokenizer_dir, demo_corpus, tmp_path_factory):
-    torch.manual_seed(0)
-    model = EncDecCTCLLMModelBPE(tiny_model_cfg(tokenizer_dir, demo_corpus["train"], demo_corpus["dev"]))
-    path = str(tmp_path_factory.mktemp("model") / "model.nemo")
-    model.save_to(path)
-    return path
+def nemo_file(tiny_nemo_file):
+    return tiny_nemo_file
 
 
 def _rows(path):

@@ -10,12 +10,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO, tiny_model_cfg
+from conftest import REPO
 
 from nemo_ctcllm import pseudo_label as pl
 from nemo_ctcllm.data.manifest import resolve_audio_path
 from nemo_ctcllm.decoding.nbest import ctc_prefix_beam_search, sequence_log_probs
-from nemo_ctcllm.models import EncDecCTCLLMModelBPE
 
 SETTINGS = ["--nbest", "4", "--batch-size", "3", "--block-size", "4", "--llm-batch-size", "5", "--no-progress"]
 
@@ -28,13 +27,9 @@ def _script():
 
 
 @pytest.fixture(scope="module")
-def teacher(tokenizer_dir, demo_corpus, tmp_path_factory):
-    """A tiny random model saved as a .nemo (its labels are noise, but not empty: enough to test the mechanics)."""
-    torch.manual_seed(0)
-    model = EncDecCTCLLMModelBPE(tiny_model_cfg(tokenizer_dir, demo_corpus["train"], demo_corpus["dev"]))
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.nemo")
-    model.save_to(path)
-    return path
+def teacher(tiny_nemo_file):
+    """A tiny random model (its labels are noise, but not empty: enough to test the mechanics)."""
+    return tiny_nemo_file
 
 
 @pytest.fixture(scope="module")
