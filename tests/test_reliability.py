@@ -301,7 +301,7 @@ def _tb_losses_file(events: Path) -> dict:
     return {e.step: e.value for e in acc.Scalars("train_loss")} if "train_loss" in acc.Tags()["scalars"] else {}
 
 
-def _run_train(cfg, tmp_path, name, kill_when=None):
+def _run_train(cfg, tmp_path, name, kill_when=None, returncode=0):
     folder = tmp_path / name
     folder.mkdir()
     OmegaConf.save(cfg, folder / "cfg.yaml")
@@ -317,7 +317,7 @@ def _run_train(cfg, tmp_path, name, kill_when=None):
             proc.kill()
             out, _ = proc.communicate()
             pytest.fail(f"scripts/train.py did not exit within 600 s:\n{out[-3000:]}")
-        assert proc.returncode == 0, out[-3000:]
+        assert proc.returncode == returncode, out[-3000:]
         return out
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -601,3 +601,43 @@ def test_ranks_writing_the_same_checked_manifest_never_show_a_reader_half_a_file
         w.join()
         assert w.exitcode == 0
     assert not [p for p in os.listdir(tmp_path) if ".tmp." in p]  # no temporary file left
+
+
+def test_on_train_end_alone_stops_the_bucketing_thread(demo_corpus, tokenizer_dir):
+    """The exit guard exists twice: the model's on_train_end and scripts/train.py's finally. This is the first
+    alone, in-process trainer.fit (no script): stopped mid-epoch by max_steps with concurrent bucketing, no
+    non-daemon thread is left behind once fit returns (the interpreter would wait for it forever at exit)."""
+    import threading
+
+    import lightning.pytorch as pl
+
+    before = {t.ident for t in threading.enumerate()}
+    cfg = tiny_model_cfg(tokenizer_dir, val_manifest=demo_corpus["dev"])
+    cfg.train_ds = _lhotse_train_ds(demo_corpus["train"], concurrent_bucketing=True)
+    model = EncDecCTCLLMModelBPE(cfg)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(model)
+    left = [t for t in threading.enumerate() if t.ident not in before and t.is_alive() and not t.daemon]
+    assert not left, [t.name for t in left]
+
+
+def test_train_script_finally_alone_stops_the_bucketing_thread(demo_corpus, tokenizer_dir, tmp_path):
+    """The other exit guard alone: training that fails (a non-finite loss with model.bad_steps.skip=false, after a
+    learning rate that blows the weights up) never reaches on_train_end, so only scripts/train.py's finally can
+    stop lhotse's bucketing thread; the process exits with the error instead of hanging."""
+    cfg = _train_cfg(tokenizer_dir, demo_corpus["train"], demo_corpus["dev"], tmp_path)
+    cfg.model.train_ds = _lhotse_train_ds(demo_corpus["train"], concurrent_bucketing=True)
+    cfg.model.optim.lr = 1e30
+    cfg.model.optim.pop("sched", None)
+    cfg.model.bad_steps = {"skip": False}
+    cfg.trainer.update({"max_steps": 6, "limit_val_batches": 0, "val_check_interval": 1.0})
+    cfg.exp_manager.update({"create_checkpoint_callback": False})
+    out = _run_train(cfg, tmp_path, "run", returncode=1)  # fails (after killing it) if the process does not exit
+    assert "NonFiniteLossError" in out and "model.bad_steps.skip is false" in out
