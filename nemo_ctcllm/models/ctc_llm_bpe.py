@@ -20,6 +20,7 @@ from omegaconf import DictConfig, open_dict
 
 from nemo_ctcllm.config import ConfigError, check_bool, check_int, merge_block, read_llm_block
 from nemo_ctcllm.objectives.base import ObjectiveEnv, StepContext, build_objectives, compose_loss
+from nemo_ctcllm.objectives.shared.passes import preprocess
 
 # model.bad_steps: what a non-finite (NaN/inf) training loss does. skip: the step is dropped (no parameter,
 # optimizer-state or EMA update) and counted; max_consecutive such steps in a row stop training.
@@ -140,7 +141,7 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
             ctc_wer=self._ctc_wer,
             final_head=self.decoder,
             encoder=self.encoder,
-            preprocessor=self.preprocess,
+            preprocessor=self.preprocessor,
             spec_augment=self.spec_augmentation,
             model_guid=self.model_guid,
         )
@@ -161,21 +162,12 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         return num / denom.clamp(min=1), num, denom
 
     # ------------------------------------------------------------------ forward pieces
-    def preprocess(self, input_signal: torch.Tensor, length: torch.Tensor):
-        """NeMo's preprocessor on a copy of the signal when it dithers: its training-mode dither adds noise to the
-        caller's tensor in place, so every pass (the model's, an objective's extra views) would otherwise change
-        the batch the next one reads. input_signal [B, S], length [B] -> features [B, F, T'], lengths [B]."""
-        dither = getattr(getattr(self.preprocessor, "featurizer", None), "dither", 0.0)
-        if self.preprocessor.training and dither:
-            input_signal = input_signal.clone()
-        return self.preprocessor(input_signal=input_signal, length=length)
-
     def encode(self, signal: torch.Tensor, signal_len: torch.Tensor):
         """The parent's forward, also returning the encoder output.
 
         signal [B, S], signal_len [B] -> encoded [B, D, T], encoded_len [B], log_probs [B, T, V+1]
         """
-        processed, processed_len = self.preprocess(input_signal=signal, length=signal_len)  # [B, F, T']
+        processed, processed_len = preprocess(self.preprocessor, signal, signal_len)  # [B, F, T'] (a copy dithered)
         if self.spec_augmentation is not None and self.training:
             processed = self.spec_augmentation(input_spec=processed, length=processed_len)
         encoded, encoded_len = self.encoder(audio_signal=processed, length=processed_len)  # [B, D, T]

@@ -22,7 +22,7 @@ from nemo.collections.asr.modules import SpectrogramAugmentation
 
 from nemo_ctcllm.config import check_choice, check_int, check_number
 from nemo_ctcllm.objectives.base import Objective, ObjectiveConfig, ObjectiveEnv, Stats, StepContext, register_objective
-from nemo_ctcllm.objectives.shared.passes import access_disabled
+from nemo_ctcllm.objectives.shared.passes import access_disabled, preprocess
 from nemo_ctcllm.objectives.shared.tensors import length_mask, masked_mean
 
 
@@ -189,7 +189,7 @@ class TokenContrastive(Objective):
         signal = ctx.signal  # [B, S]
         if noisy and self.training and self.noise_snr_db is not None:
             signal = add_noise(signal, ctx.signal_len, self.noise_snr_db)
-        return ctx.env.preprocessor(input_signal=signal, length=ctx.signal_len)
+        return preprocess(ctx.env.preprocessor, signal, ctx.signal_len)  # dithers a copy, never the batch
 
     def view_b_features(self, ctx: StepContext) -> Tuple[torch.Tensor, torch.Tensor]:
         """View B's encoder input [B, F, T']: noise + this block's own SpecAugment (training only)."""

@@ -35,3 +35,13 @@ def eval_mode(*modules) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def preprocess(preprocessor, signal: torch.Tensor, length: torch.Tensor):
+    """NeMo's preprocessor on a copy of the signal when it dithers: its training-mode dither adds noise to the
+    caller's tensor in place, so every pass (the model's, an objective's extra views) would otherwise change the
+    batch the next one reads. signal [B, S], length [B] -> features [B, F, T'], lengths [B]."""
+    dither = getattr(getattr(preprocessor, "featurizer", None), "dither", 0.0)
+    if getattr(preprocessor, "training", False) and dither:
+        signal = signal.clone()
+    return preprocessor(input_signal=signal, length=length)
