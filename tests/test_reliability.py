@@ -150,17 +150,9 @@ def test_training_refuses_bad_lines_or_skips_and_counts_them(bad_corpus, demo_co
     assert cfg.model.validation_ds.manifest_filepath == demo_corpus["dev"]  # untouched: nothing bad there
 
     # and the model trains on what is left
-    import lightning.pytorch as pl
 
     model = EncDecCTCLLMModelBPE(cfg.model)
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-    )
+    trainer = _quiet_trainer(max_steps=2)
     trainer.fit(model)
     assert trainer.global_step == 2
 
@@ -299,6 +291,20 @@ def _tb_losses_file(events: Path) -> dict:
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars("train_loss")} if "train_loss" in acc.Tags()["scalars"] else {}
+
+
+def _quiet_trainer(**kwargs):
+    """An in-process CPU trainer without logger, checkpoints, progress bar or validation."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        **kwargs,
+    )
 
 
 def _run_train(cfg, tmp_path, name, kill_when=None, returncode=0):
@@ -540,15 +546,7 @@ def _first_batches_and_losses(tokenizer_dir, demo_corpus, seed: int, steps: int 
             batches.append((signal_len.tolist(), [t[:n].tolist() for t, n in zip(targets, target_len)]))
             losses.append(outputs["loss"].item())
 
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        callbacks=[Record()],
-    )
+    trainer = _quiet_trainer(max_steps=steps, callbacks=[Record()])
     trainer.fit(model)
     return batches, losses
 
@@ -609,20 +607,11 @@ def test_on_train_end_alone_stops_the_bucketing_thread(demo_corpus, tokenizer_di
     non-daemon thread is left behind once fit returns (the interpreter would wait for it forever at exit)."""
     import threading
 
-    import lightning.pytorch as pl
-
     before = {t.ident for t in threading.enumerate()}
     cfg = tiny_model_cfg(tokenizer_dir, val_manifest=demo_corpus["dev"])
     cfg.train_ds = _lhotse_train_ds(demo_corpus["train"], concurrent_bucketing=True)
     model = EncDecCTCLLMModelBPE(cfg)
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-    )
+    trainer = _quiet_trainer(max_steps=2)
     trainer.fit(model)
     left = [t for t in threading.enumerate() if t.ident not in before and t.is_alive() and not t.daemon]
     assert not left, [t.name for t in left]
