@@ -8,6 +8,7 @@ import os
 import pytest
 
 from benchmarks.evidence import run
+from benchmarks.evidence.report import load_results
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_quick_runs_every_stage_and_reports_paired_intervals(quick):
     assert base["steps"] > 0 and base["stopped_by"].startswith("max_steps")  # 6 steps, far below the time limit
     assert "domain_dev" in base and 0 <= base["domain_dev"]["wer"]
 
-    arms = run.load_results(str(results))
+    arms = load_results(str(results))
     assert {a: sorted(s) for a, s in arms.items()} == {
         "control": [0, 1],
         "pl_greedy": [0, 1],

@@ -163,7 +163,8 @@ def passes_line(results) -> str:
 
 
 def report(p: RoundPaths, report_path: str, plot_dir: str, name: str = RESULTS_DEFAULT) -> str:
-    from benchmarks.evidence.run import dev_table, load_results, plots, test_table, versus_table, write_section
+    from benchmarks.ablation import write_section
+    from benchmarks.evidence.report import dev_table, load_results, plots, test_table, versus_table
 
     results = load_results(p.results)
     if "control" not in results:
