@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from nemo_ctcllm.config import ConfigError, check_int, check_number
 from nemo_ctcllm.objectives.base import Objective, ObjectiveConfig, ObjectiveEnv, Stats, StepContext, register_objective
-from nemo_ctcllm.objectives.shared.tensors import length_mask, masked_mean
+from nemo_ctcllm.objectives.shared.tensors import length_mask
 
 
 def sinusoid_positions(length: int, width: int, device) -> torch.Tensor:
@@ -46,6 +46,10 @@ class JointLM(Objective):
         self.eos_id = vocab_size + 1
         self.width = width
         self.embed = torch.nn.Embedding(vocab_size + 2, width)
+        # N(0, 1/width): the scaled embedding (x sqrt(width)) has unit variance per element, like the positions.
+        # At torch's N(0, 1) the token stream (norm ~ width per token) drowned the cross-attention's output and
+        # the encoder got 1e-4 of CTC's gradient: the head trained a text-only LM (docs/objectives.md).
+        torch.nn.init.normal_(self.embed.weight, 0.0, width**-0.5)
         layer = torch.nn.TransformerDecoderLayer(
             d_model=width,
             nhead=block.heads,
@@ -93,15 +97,15 @@ class JointLM(Objective):
         return nll, mask, correct
 
     def utterance_losses(self, ctx: StepContext) -> torch.Tensor:
-        """Mean token NLL of each utterance [B] (what padding must not change)."""
-        nll, mask, _ = self.token_nll(ctx.encoded, ctx.encoded_len, ctx.targets, ctx.target_len)
-        return masked_mean(nll, mask, dim=1)
+        """Summed token NLL of each utterance [B] (what padding must not change)."""
+        nll, _, _ = self.token_nll(ctx.encoded, ctx.encoded_len, ctx.targets, ctx.target_len)
+        return nll.sum(dim=1)  # [B]; nll is 0 on padding
 
     def forward(self, ctx: StepContext) -> Tuple[torch.Tensor, Stats]:
         nll, mask, correct = self.token_nll(ctx.encoded, ctx.encoded_len, ctx.targets, ctx.target_len)
-        loss = masked_mean(nll, mask, dim=(0, 1))  # token-level mean over the batch
+        loss = nll.sum(dim=1).mean()  # per-utterance sum, batch mean: the scale of CTC's mean_batch
         acc = correct.sum() / mask.sum().clamp(min=1)
-        return loss, {"acc": acc.detach().float()}
+        return loss, {"acc": acc.detach().float(), "token_nll": (nll.sum() / mask.sum().clamp(min=1)).detach()}
 
 
 @dataclass
