@@ -404,23 +404,64 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         super().on_before_optimizer_step(optimizer)
 
     def validation_pass(self, batch, batch_idx, dataloader_idx=0):
+        """One evaluation batch of this rank's shard (``nemo_ctcllm.data.eval_shards``). ``val_utterances`` is the
+        weight of its values in the epoch means (:func:`_aggregate`): its utterances, or 0 for a filler batch,
+        which runs like any batch (its TP peers' collectives are matched) with every row unlabelled, so that no
+        term reads it and no LLM objective gathers it, and which is counted nowhere."""
+        import dataclasses
+
         ctx = self.step_context(batch, compute_wer=True)
+        filler = self._is_filler(batch_idx, dataloader_idx)
+        if filler:
+            ctx = dataclasses.replace(ctx, labelled=torch.zeros_like(ctx.target_len, dtype=torch.bool))  # [B]
         loss, logs = compose_loss(self.objectives, ctx, step=self.global_step, prefix="val")
+        utterances = loss.new_tensor(0.0 if filler else float(ctx.signal.shape[0]))  # on the loss's device
+        if filler:
+            return {"val_utterances": utterances}
         metrics = dict(logs)
         metrics["val_loss"] = loss.detach()
         metrics["val_wer_num"] = logs["val/ctc_final_wer_num"]  # NeMo's val_wer is the final head's
         metrics["val_wer_denom"] = logs["val/ctc_final_wer_denom"]
+        metrics["val_utterances"] = utterances
         return metrics
+
+    def _is_filler(self, batch_idx: int, dataloader_idx: int) -> bool:
+        """Whether this batch is the filler a short shard ends with (``EvalShardSampler.is_filler``)."""
+        from nemo_ctcllm.data.eval_shards import EvalShardSampler
+
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        testing = getattr(trainer, "testing", False)
+        loaders = getattr(trainer, "test_dataloaders" if testing else "val_dataloaders", None)
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[dataloader_idx]
+        sampler = getattr(loaders, "sampler", None)
+        return isinstance(sampler, EvalShardSampler) and sampler.is_filler(batch_idx)
 
     def multi_validation_epoch_end(self, outputs, dataloader_idx: int = 0):
-        metrics = super().multi_validation_epoch_end(outputs, dataloader_idx)
-        metrics["log"].update(_aggregate(outputs, prefix="val/"))
-        return metrics
+        """NeMo's ``val_loss``/``val_wer`` and every term's ``val/...`` values, pooled over every rank's shard."""
+        logs = _aggregate(outputs, split="val", device=self.device)
+        return {**({"val_loss": logs["val_loss"]} if "val_loss" in logs else {}), "log": logs}
 
     def multi_test_epoch_end(self, outputs, dataloader_idx: int = 0):
-        metrics = super().multi_test_epoch_end(outputs, dataloader_idx)
-        metrics["log"].update(_aggregate(outputs, prefix="test/"))
-        return metrics
+        """As :meth:`multi_validation_epoch_end`, for ``test_loss``/``test_wer``/``test/...``."""
+        logs = _aggregate(outputs, split="test", device=self.device)
+        return {**({"test_loss": logs["test_loss"]} if "test_loss" in logs else {}), "log": logs}
+
+    def setup_validation_data(self, val_data_config):
+        """NeMo's validation loader, sharded over the ranks (``nemo_ctcllm.data.eval_shards``)."""
+        from nemo_ctcllm.data.eval_shards import shard_eval_loader
+
+        super().setup_validation_data(val_data_config)
+        self._validation_dl = shard_eval_loader(self._validation_dl)
+
+    def setup_test_data(self, test_data_config):
+        """NeMo's test loader, sharded over the ranks (``nemo_ctcllm.data.eval_shards``)."""
+        from nemo_ctcllm.data.eval_shards import shard_eval_loader
+
+        super().setup_test_data(test_data_config)
+        self._test_dl = shard_eval_loader(self._test_dl)
 
     def test_step(self, batch, batch_idx, dataloader_idx=0):
         logs = self.validation_pass(batch, batch_idx, dataloader_idx=dataloader_idx)
@@ -549,16 +590,36 @@ def _read_bad_steps(block) -> dict:
     return dict(merged)
 
 
-def _aggregate(outputs: List[dict], prefix: str) -> Dict[str, torch.Tensor]:
-    """Epoch means of per-batch term losses, and corpus WER (sum num / sum denom) per head."""
+def _aggregate(outputs: List[dict], split: str, device: torch.device) -> Dict[str, torch.Tensor]:
+    """The epoch's values over every rank's shard (each rank evaluated its own utterances), identical on every rank.
+
+    Corpus WER per head (``<split>_wer``, ``<split>/<head>_wer``): word errors summed over every batch of every
+    rank / reference words summed likewise; not a mean of per-rank or per-batch WERs. Every other value (the
+    loss, each term's loss and stats): the mean over batches weighted by their utterances
+    (``<split>_utterances``; 0 for a filler batch), i.e. sum_b n_b v_b / sum_b n_b over every rank, which for a
+    batch-mean loss (CTC's ``mean_batch``) is the mean over the utterances whatever the batching. A collective
+    (``sum_over_ranks``, on ``device``, the loss's): every rank calls it, at epoch end, with its own outputs."""
+    from nemo_ctcllm.data.eval_shards import sum_over_ranks
+
+    count_key = f"{split}_utterances"
+    local: Dict[str, torch.Tensor] = {}
+    for x in outputs:
+        n = x[count_key].detach().double()
+        for k, v in x.items():
+            if k == count_key or k.endswith("_wer"):  # a batch's WER: pooled from its counts below
+                continue
+            v = v.detach().double()
+            if k.endswith(("_wer_num", "_wer_denom")):
+                local[k] = local.get(k, 0.0) + v
+            else:  # "sum:<key>" and "n:<key>": weighted sum and weight
+                local[f"sum:{k}"] = local.get(f"sum:{k}", 0.0) + n * v
+                local[f"n:{k}"] = local.get(f"n:{k}", 0.0) + n
+    total = sum_over_ranks(local, device)
     out: Dict[str, torch.Tensor] = {}
-    keys = [k for k in outputs[0] if k.startswith(prefix)]
-    for k in keys:
+    for k, v in total.items():
         if k.endswith("_wer_num"):
             base = k[: -len("_num")]
-            num = torch.stack([x[k] for x in outputs]).sum()
-            den = torch.stack([x[base + "_denom"] for x in outputs]).sum()
-            out[base] = num / den.clamp(min=1)
-        elif not k.endswith(("_wer_denom", "_wer")):
-            out[k] = torch.stack([x[k].float() for x in outputs]).mean()
+            out[base] = (v / total[base + "_denom"].clamp(min=1)).float()
+        elif k.startswith("sum:") and total[f"n:{k[4:]}"] > 0:  # never counted (filler batches only): not logged
+            out[k[4:]] = (v / total[f"n:{k[4:]}"]).float()
     return out
