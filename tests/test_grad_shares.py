@@ -72,6 +72,18 @@ def test_every_n_steps_is_validated(tokenizer_dir):
         EncDecCTCLLMModelBPE(cfg)
 
 
+def test_shares_with_megatron_recompute_are_refused_by_name(tokenizer_dir, tiny_llm):
+    """megatron's recompute is a reentrant checkpoint, which refuses torch.autograd.grad ("Checkpointing is not
+    compatible with .grad()") at the first logging step; the config says so before any step instead."""
+    cfg = tiny_model_cfg(tokenizer_dir, **OBJECTIVES)
+    cfg.grad_shares = {"every_n_steps": 5}
+    cfg.llm = {"checkpoint": tiny_llm, "activation_recompute": True}
+    with pytest.raises(ConfigError, match="model.llm.activation_recompute=false"):
+        EncDecCTCLLMModelBPE(cfg)
+    cfg.llm.activation_recompute = False
+    EncDecCTCLLMModelBPE(cfg)  # either alone is fine
+
+
 def test_joint_lm_pushes_the_encoder_as_much_as_another_auxiliary_term_at_equal_weight(tokenizer_dir):
     """joint_lm's decoder once drowned the cross-attention in its token embeddings (N(0, 1) x sqrt(d)) and averaged
     its loss per token: on the demo model its push on the encoder was ~1e-4 of CTC's. Here, on the tiny model, it

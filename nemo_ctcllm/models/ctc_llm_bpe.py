@@ -19,7 +19,13 @@ from nemo.utils import logging
 from omegaconf import DictConfig, open_dict
 
 from nemo_ctcllm.config import ConfigError, check_bool, check_int, merge_block, read_llm_block
-from nemo_ctcllm.objectives.base import ObjectiveEnv, StepContext, build_objectives, compose_loss
+from nemo_ctcllm.objectives.base import (
+    ObjectiveEnv,
+    StepContext,
+    build_objectives,
+    compose_loss,
+    update_share_weight,
+)
 from nemo_ctcllm.objectives.shared.passes import preprocess
 
 # model.bad_steps: what a non-finite (NaN/inf) training loss does. skip: the step is dropped (no parameter,
@@ -55,9 +61,22 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         shares = merge_block(cfg.get("grad_shares"), GRAD_SHARE_DEFAULTS, "model.grad_shares")
         check_int(shares.every_n_steps, "model.grad_shares.every_n_steps", 0)
         self._grad_share_every = int(shares.every_n_steps)
+        if self._grad_share_every and llm["checkpoint"] and llm["activation_recompute"]:
+            raise ConfigError(
+                "model.grad_shares.every_n_steps > 0 differentiates each term alone with torch.autograd.grad, which "
+                "megatron's activation recompute (a reentrant checkpoint) refuses: set "
+                "model.llm.activation_recompute=false while logging or targeting shares, or "
+                "model.grad_shares.every_n_steps=0"
+            )
         super().__init__(cfg=cfg, trainer=trainer)
         env = self.objective_env()
         self.objectives, filled = build_objectives(self.cfg.get("objectives"), env)
+        for term in self.objectives.values():
+            if term.share is not None and not self._grad_share_every:
+                raise ConfigError(
+                    f"{term.share.key}.weight_mode is share, which moves the weight on grad-share logging steps, "
+                    "but model.grad_shares.every_n_steps is 0: set it > 0 (e.g. 10)"
+                )
         with open_dict(self.cfg):  # values read from elsewhere (the LLM's width): a restored .nemo needs no LLM
             for name, values in filled.items():
                 if self.cfg.objectives.get(name) is None:  # a bare `clip:` block
@@ -239,6 +258,7 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
         loss, logs = compose_loss(self.objectives, ctx, step=self.global_step, prefix="train", weighted=weighted)
         if weighted is not None:
             logs.update(self._grad_shares(weighted, ctx))
+            self._update_share_weights(logs)
         if self.semi_supervised:  # a rank whose rows are all unlabelled runs no CTC head: keep every parameter in
             trainable = [p.sum() for p in self.parameters() if p.requires_grad]  # its graph for DDP (zero grad)
             loss = loss + 0.0 * torch.stack(trainable).sum()
@@ -287,6 +307,27 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
                 cos = dot / (norms[name] * norms["ctc_final"]).clamp(min=1e-30)
                 logs[f"train/grad_cos/{name}"] = cos.detach()
         return logs
+
+    def _update_share_weights(self, logs: Dict[str, torch.Tensor]) -> None:
+        """``weight_mode: share``: move each such term's weight towards the one that gives its target share
+        (:func:`update_share_weight`), from this grad-share step's norms ``train/grad_norm/<term>``; the new weight
+        acts from the next step on.
+
+        Every rank gets the same weights because it computes them from the same numbers: the norms are averaged
+        over the ranks (one all-reduce of a [terms] vector on the loss's device, on the same steps on every rank),
+        then the update is the same float arithmetic everywhere. Averaging rather than broadcasting rank 0's
+        weight lets every rank's batch count. A non-finite norm (a step the guards skip) changes no weight."""
+        if not any(t.share is not None for t in self.objectives.values()):
+            return
+        names = list(self.objectives)
+        local = torch.stack([logs[f"train/grad_norm/{n}"].float().reshape(()) for n in names])  # [terms]
+        norms = dict(zip(names, _all_ranks_mean(local).tolist()))
+        for name, term in self.objectives.items():
+            if term.share is not None:
+                others = sum(v for n, v in norms.items() if n != name)
+                term.weight = update_share_weight(
+                    term.weight, term.ramp(self.global_step), norms[name], others, term.share
+                )
 
     def _guard_non_finite(self, loss: torch.Tensor, logs: Dict[str, torch.Tensor], ctx: StepContext, batch_nb: int):
         """A NaN/inf loss never reaches the weights, and every rank takes the same decision before backward.
@@ -380,14 +421,27 @@ class EncDecCTCLLMModelBPE(EncDecCTCModelBPE):
 
     def on_save_checkpoint(self, checkpoint):
         """Lightning checkpoints also carry the skipped-step count and (single process) the RNG states, so that
-        a resumed run draws the same augmentation noise as the uninterrupted one."""
+        a resumed run draws the same augmentation noise as the uninterrupted one, and the current weights of the
+        ``weight_mode: share`` terms (plain floats, so a resume continues with exactly these weights; a ``.nemo``
+        does not carry them: training from one starts again at the YAML weights)."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint["nemo_ctcllm"] = {"skipped_steps": self._skipped_steps, "rng": _rng_states()}
+        share_weights = {n: t.weight for n, t in self.objectives.items() if t.share is not None}
+        checkpoint["nemo_ctcllm"] = {
+            "skipped_steps": self._skipped_steps,
+            "rng": _rng_states(),
+            "share_weights": share_weights,
+        }
 
     def on_load_checkpoint(self, checkpoint):
+        """Restores what :meth:`on_save_checkpoint` added. A share-mode term the checkpoint has no weight for (share
+        mode newly turned on) starts at its YAML weight; a saved weight of a term now in fixed mode is ignored."""
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("nemo_ctcllm", {})
         self._skipped_steps = int(state.get("skipped_steps", 0))
+        for name, weight in state.get("share_weights", {}).items():
+            term = self.objectives[name] if name in self.objectives else None
+            if term is not None and term.share is not None:
+                term.weight = float(weight)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if state.get("rng") is not None and world == 1:  # rank 0's states would make every rank draw alike
             _set_rng_states(state["rng"])
@@ -549,6 +603,16 @@ def _set_rng_states(states: dict) -> None:
 def _world() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_ranks_mean(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise mean of ``x`` over every rank (``x`` itself in a single process). ``x`` lives on the loss's
+    device (a CUDA tensor under NCCL, which refuses CPU tensors); every rank receives the same values."""
+    if _world() == 1:
+        return x
+    out = x.clone()
+    torch.distributed.all_reduce(out)  # sum
+    return out / _world()
 
 
 def _all_ranks_max(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ An *objective* is an ``nn.Module`` that reads one training/validation batch (a :
 returns ``(loss, stats)``: an unweighted scalar loss and a dict of detached scalars to log. Its YAML block
 under ``model.objectives.<name>`` is declared once, as a dataclass subclassing :class:`ObjectiveConfig`
 (the keys, their defaults and ``check``); every block also takes ``enabled``, ``weight``, ``warmup_steps``
-and ``every_n_steps``, which reach the term through its constructor and are read by :func:`compose_loss`.
+and ``every_n_steps``, which reach the term through its constructor and are read by :func:`compose_loss`, and
+``weight_mode`` (``share``: the weight tracks a target gradient share, :func:`update_share_weight`).
 A new objective is one file that subclasses :class:`Objective`, declares its block, decorates its builder
 with :func:`register_objective`, and one YAML block.
 
@@ -20,13 +21,22 @@ with its own name, weight and warm-up, and is logged under ``train/<name>``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_ctcllm.config import ConfigError, check_bool, check_int, check_weight, read_dataclass
+from nemo_ctcllm.config import (
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_weight,
+    read_dataclass,
+)
 
 Stats = Dict[str, torch.Tensor]
 Hook = Callable[[torch.nn.Module, Any, torch.Tensor], torch.Tensor]  # a torch forward hook
@@ -174,6 +184,7 @@ class Objective(torch.nn.Module):
     needed_at_inference: bool = False
     uses_unlabelled: bool = False
     tp_collective: bool = False
+    share: Optional["ShareTarget"] = None  # weight_mode: share (set by build_objectives): weight tracks a grad share
 
     def __init__(
         self,
@@ -195,9 +206,13 @@ class Objective(torch.nn.Module):
 
     def effective_weight(self, step: int) -> float:
         """weight, ramped linearly from 0 over ``warmup_steps`` optimizer steps."""
+        return self.weight * self.ramp(step)
+
+    def ramp(self, step: int) -> float:
+        """The warm-up factor min(1, (step + 1) / warmup_steps) (1 without warm-up)."""
         if self.warmup_steps <= 0:
-            return self.weight
-        return self.weight * min(1.0, (step + 1) / self.warmup_steps)
+            return 1.0
+        return min(1.0, (step + 1) / self.warmup_steps)
 
     # ------------------------------------------------------------------ life-cycle hooks
     def encoder_hooks(self, env: ObjectiveEnv) -> Dict[int, Hook]:
@@ -229,6 +244,13 @@ class ObjectiveConfig:
     weight: float = 1.0
     warmup_steps: int = 0  # the weight ramps linearly from 0 over this many optimizer steps
     every_n_steps: int = 1  # k: the term runs on training steps with global_step % k == 0 (always in validation)
+    # fixed: `weight` as given. share: `weight` is the start; on grad-share logging steps it is moved so that the
+    # term's share of the encoder gradient tracks target_share (update_share_weight), within [min_weight, max_weight]
+    weight_mode: str = "fixed"
+    target_share: Optional[float] = None  # in (0, 1); share mode only
+    min_weight: float = 0.001
+    max_weight: float = 10.0
+    share_smoothing: float = 0.3  # β in (0, 1]: log w <- (1 - β) log w + β log w*
 
     def check(self, key: str, env: ObjectiveEnv) -> None:
         """Validate the block (``key``: ``model.objectives.<name>``); a bad value raises a ConfigError naming it."""
@@ -236,10 +258,63 @@ class ObjectiveConfig:
         check_weight(self.weight, f"{key}.weight")
         check_int(self.warmup_steps, f"{key}.warmup_steps", 0)
         check_int(self.every_n_steps, f"{key}.every_n_steps", 1)
+        check_choice(self.weight_mode, f"{key}.weight_mode", ["fixed", "share"])
+        if self.weight_mode == "fixed":
+            if self.target_share is not None:
+                raise ConfigError(
+                    f"{key}.target_share is set but {key}.weight_mode is fixed: set {key}.weight_mode: share "
+                    "to track it, or remove target_share"
+                )
+            return
+        if self.target_share is None:
+            raise ConfigError(f"{key}.weight_mode is share, so {key}.target_share must be set (a number in (0, 1))")
+        check_number(self.target_share, f"{key}.target_share", 0.0, 1.0, low_open=True, high_open=True)
+        check_number(self.min_weight, f"{key}.min_weight", 0.0, 100.0, low_open=True)
+        check_weight(self.max_weight, f"{key}.max_weight")
+        if self.min_weight > self.max_weight:
+            raise ConfigError(f"{key}.min_weight ({self.min_weight}) must be <= {key}.max_weight ({self.max_weight})")
+        check_number(self.share_smoothing, f"{key}.share_smoothing", 0.0, 1.0, low_open=True)
+
+    def share_target(self, key: str) -> Optional["ShareTarget"]:
+        """The checked share-mode settings of a term of this block (None in fixed mode)."""
+        if self.weight_mode != "share":
+            return None
+        return ShareTarget(key, self.target_share, self.min_weight, self.max_weight, self.share_smoothing)
 
     def schedule(self) -> Dict[str, Any]:
         """The constructor arguments of :class:`Objective` that come from the common keys."""
         return {"weight": self.weight, "warmup_steps": self.warmup_steps, "every_n_steps": self.every_n_steps}
+
+
+@dataclass(frozen=True)
+class ShareTarget:
+    """``weight_mode: share`` of one term: its weight tracks ``target`` share of the encoder gradient norms."""
+
+    key: str  # model.objectives.<name>, for messages
+    target: float  # s* in (0, 1)
+    min_weight: float  # > 0 (the update is in log space)
+    max_weight: float
+    smoothing: float  # β in (0, 1]
+
+
+def update_share_weight(weight: float, ramp: float, norm: float, others: float, share: ShareTarget) -> float:
+    """One share-mode update of a term's base weight w (the weight that warm-up scales).
+
+    ``norm`` = |∇(w·r·L)| was measured at the effective weight w·r (r = ``ramp``, the warm-up factor), ``others`` =
+    Σ_j |∇L_j| over the other terms, as measured. Since |∇(w·L)| = w·|∇L|, the base weight that gives share s*
+    at full ramp with the others fixed solves w*·n / (w*·n + others) = s* with n = norm / (w·r):
+
+        w* = s* / (1 - s*) · others · w · r / norm
+        log w <- clip((1 - β) log w + β log w*, log min_weight, log max_weight)
+
+    w is returned unchanged when either norm is 0 or not finite (the term or every other term did not reach the
+    encoder on that step)."""
+    if not (0.0 < norm < math.inf and 0.0 < others < math.inf):
+        return weight
+    s = share.target
+    w_star = s / (1.0 - s) * others * weight * ramp / norm
+    log_w = (1.0 - share.smoothing) * math.log(weight) + share.smoothing * math.log(w_star)
+    return min(share.max_weight, max(share.min_weight, math.exp(log_w)))
 
 
 Builder = Callable[[Any, ObjectiveEnv, str], List[Objective]]
@@ -300,15 +375,34 @@ def build_objectives(
         if getattr(block, "llm_hidden_size", 0) is None:
             block = dataclasses.replace(block, llm_hidden_size=env.llm_hidden_size(key))
             filled[name] = {"llm_hidden_size": block.llm_hidden_size}
+        share = block.share_target(key)
+        if name == "ctc_final" and share is not None:
+            raise ConfigError(
+                f"{key}.weight_mode: share is not allowed on ctc_final, the reference the other terms' shares "
+                "are measured against; set weight_mode: share on the other objectives"
+            )
         for term in builder(block, env, key):
             if term.name in terms:
                 raise ConfigError(f"{key}: term name '{term.name}' is already used by another objective")
+            if share is not None and not share.min_weight <= term.weight <= share.max_weight:
+                raise ConfigError(
+                    f"{key}.weight: term {term.name} starts at weight {term.weight}, outside "
+                    f"[{key}.min_weight, {key}.max_weight] = [{share.min_weight}, {share.max_weight}]"
+                )
+            term.share = share
             terms[term.name] = term
     total_weight = sum(t.weight for t in terms.values())
     if total_weight <= 0.0:
         raise ConfigError(
             "model.objectives: every loss weight is 0, so nothing would be trained; "
             "set model.objectives.ctc_final.weight (default 1.0) or another weight > 0"
+        )
+    targets = {t.name: t.share.target for t in terms.values() if t.share is not None}
+    if sum(targets.values()) >= 1.0:
+        keys = sorted({f"{t.share.key}.target_share" for t in terms.values() if t.share is not None})
+        raise ConfigError(
+            f"{', '.join(keys)}: the share-mode terms' targets {targets} sum to {sum(targets.values()):g}, but "
+            "must sum to less than 1 (ctc_final and the fixed-weight terms keep the rest)"
         )
     return terms, filled
 
@@ -324,8 +418,8 @@ def compose_loss(
 
     Every term is evaluated (also at weight 0 during warm-up, so that its curve is logged; in training only on
     steps with ``step % every_n_steps == 0``, which amortises an expensive objective), its unweighted
-    loss logged detached under ``<prefix>/<name>``, its current weight under ``<prefix>/weight/<name>`` and
-    its stats under ``<prefix>/<name>_<stat>``.
+    loss logged detached under ``<prefix>/<name>``, its current weight (with warm-up or ``weight_mode: share``)
+    under ``<prefix>/weight/<name>`` and its stats under ``<prefix>/<name>_<stat>``.
 
     Labelled and unlabelled rows: a term with ``uses_unlabelled`` gets the whole batch; every other term gets
     :func:`labelled_view` (the batch itself when every row is labelled, so a labelled batch is computed exactly
@@ -365,7 +459,7 @@ def compose_loss(
         if empty:
             continue
         logs[f"{prefix}/{name}"] = loss.detach()
-        if term.warmup_steps > 0:
+        if term.warmup_steps > 0 or term.share is not None:
             logs[f"{prefix}/weight/{name}"] = on_device(w, total)
         for key, value in stats.items():
             logs[f"{prefix}/{name}_{key}"] = on_device(value, total)
