@@ -1,9 +1,12 @@
 """joint_lm (a jointly trained attention-decoder LM head): teacher forcing layout, gradients, overfitting one
 batch, padding invariance, export and config errors."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import encoder_gradient, overfit
+from gradcheck import assert_gradient_matches_finite_differences
 from test_model import audio_batch, make
 from test_obj_token_contrastive import plain_param_count
 
@@ -34,6 +37,27 @@ def test_gradients_reach_encoder_and_head(tokenizer_dir):
     assert encoder_gradient(model) > 0
     for name, p in term.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_gradient_matches_finite_differences(tokenizer_dir):
+    """d loss / d encoder output [B, D, T] (the decoder's memory, its one input from the encoder) against central
+    differences, in float64, two decoder layers with dropout 0.1 in training mode: the global RNG is re-seeded
+    before every evaluation, so every evaluation draws the same dropout masks. Whatever the weights' init.
+
+    Catches a ``.detach()`` on the memory (``encoded`` in ``token_nll``)."""
+    model = make(tokenizer_dir, joint_lm={**BLOCK, "layers": 2, "dropout": 0.1})
+    model.train()
+    term = model.objectives["joint_lm"].double()
+    with torch.no_grad():
+        ctx = model.step_context(audio_batch(lengths=(6400, 4800, 3200)), compute_wer=False)  # 10, 8, 5 frames
+    encoded = ctx.encoded.double().requires_grad_(True)  # [B, D, T]
+    ctx = dataclasses.replace(ctx, encoded=encoded)
+
+    def loss_fn():
+        torch.manual_seed(0)  # the same dropout masks
+        return term(ctx)[0]
+
+    assert_gradient_matches_finite_differences(loss_fn, {"encoded": encoded}, eps=1e-6, atol=1e-8, rtol=1e-5)
 
 
 def test_overfits_one_batch(tokenizer_dir):

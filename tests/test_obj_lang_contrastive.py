@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import LLM_CORPUS, encoder_gradient, overfit, tiny_model_cfg
+from gradcheck import assert_gradient_matches_finite_differences, peaked_context
 from obj_tp_worker import asr_batch, launch
 from softtext_tp_worker import LANG_BATCH, lang_loss, make_lang, softtext_inputs
 
@@ -57,6 +58,29 @@ def test_gradient_reaches_encoder_and_projections_not_llm(tokenizer_dir, tiny_bp
     assert encoder_gradient(model) > 0
     assert model.decoder.decoder_layers[0].weight.grad.abs().sum() > 0  # through the CTC head's posteriors
     assert all(p.grad is None for p in model.llm.llm_parameters())
+
+
+def test_gradient_matches_finite_differences(tokenizer_dir, tiny_bpe_llm, llm_process_group):
+    """d loss / d CTC log-probs [B, T, V+1] (the audio side; the text side is the frozen LLM's features, a
+    constant) against central differences along 3 random directions and the gradient's own.
+
+    The posteriors (float64, :func:`gradcheck.peaked_context`) go through the bridge and the LLM in float64; the
+    pooled states are cast to float32 by the objective (``.float()``), so the projections and the InfoNCE run
+    in float32 and the loss (about 1) carries float32 rounding: the step (3e-2) and the tolerances are sized
+    for that. ``expected`` estimator, nothing random.
+
+    Catches a ``.detach()`` on the soft embeddings the LLM reads (``pooled_soft_hidden``), on the pooled states
+    (``forward``), and on either direction of the symmetric InfoNCE alone: the audio rows as queries
+    (``a`` in ``logits_a2t``) or as keys (``a_all`` in ``logits_t2a``, shared/contrastive.py)."""
+    model = make(tokenizer_dir, tiny_bpe_llm)
+    model.train()
+    term = model.objectives["lang_contrastive"]
+    ctx, log_probs = peaked_context(model, tiny_bpe_llm)
+
+    def loss_fn():
+        return term(ctx)[0]
+
+    assert_gradient_matches_finite_differences(loss_fn, {"log_probs": log_probs}, eps=3e-2, atol=5e-5, rtol=1e-2)
 
 
 def test_overfits_one_batch(tokenizer_dir, tiny_bpe_llm, llm_process_group):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import LLM_CORPUS, encoder_gradient, overfit, tiny_model_cfg
+from gradcheck import assert_gradient_matches_finite_differences, peaked_context
 from obj_tp_worker import asr_batch, launch
 from softtext_tp_worker import VARIANTS, softtext_inputs
 
@@ -70,6 +71,33 @@ def test_gradient_reaches_encoder_not_llm(tokenizer_dir, tiny_bpe_llm, target, e
         assert model.decoder.decoder_layers[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.llm.llm_parameters())
     assert list(term.parameters()) == [] and term.state_dict() == {}  # the piece map is never saved
+
+
+@pytest.mark.parametrize("target,estimator", [("reference", "expected"), ("hypothesis", "gumbel")])
+def test_gradient_matches_finite_differences(tokenizer_dir, tiny_bpe_llm, target, estimator, llm_process_group):
+    """d loss / d CTC log-probs [B, T, V+1] against central differences along 3 random directions and the
+    gradient's own, for each target (the reference after the soft hypothesis and an instruction; the soft
+    hypothesis itself) and a smooth estimator (``expected``; ``gumbel`` in training mode, whose noise comes from
+    the global RNG, re-seeded before every evaluation).
+
+    Everything is float64 (posteriors, bridge, LLM) except megatron's cross entropy, which casts the logits to
+    float32 (see llm_prefix_clm's test): the step (3e-2) and the tolerances are sized for that.
+    ``straight_through`` is not here: its forward is the greedy one-hot embedding, piecewise constant in the
+    posteriors (a finite difference is 0); its backward is the bridge's (test_bridge.py).
+
+    Catches a ``.detach()`` on the soft embeddings where each target reads them (``prefix_clm``'s prompt in
+    ``llm_lm_loss``, the rows of ``hypothesis_clm``) and on the Gumbel relaxation's q (bridge ``soft_embed``)."""
+    instruction = "hello" if target == "reference" else ""
+    model = make(tokenizer_dir, tiny_bpe_llm, target=target, estimator=estimator, instruction=instruction)
+    model.train()
+    term = model.objectives["llm_lm_loss"]
+    ctx, log_probs = peaked_context(model, tiny_bpe_llm)
+
+    def loss_fn():
+        torch.manual_seed(0)  # the same Gumbel noise
+        return term(ctx)[0]
+
+    assert_gradient_matches_finite_differences(loss_fn, {"log_probs": log_probs}, eps=3e-2, atol=1e-4, rtol=1e-2)
 
 
 def test_gumbel_is_deterministic_out_of_training(tokenizer_dir, tiny_bpe_llm, llm_process_group):

@@ -8,6 +8,7 @@ not move it), the confidence is calibrated per token so that a threshold filters
 outputs of a (briefly trained) tiny model, and the acoustic ranker (greedy self-training) needs no LLM.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import LLM_CORPUS, encoder_gradient, tiny_model_cfg
+from gradcheck import assert_gradient_matches_finite_differences
 from hyp_common import (
     assert_config_error,
     assert_config_error_without_llm,
@@ -28,11 +30,39 @@ from obj_tp_worker import asr_batch
 from nemo_ctcllm.models import EncDecCTCLLMModelBPE
 from nemo_ctcllm.objectives import compose_loss
 from nemo_ctcllm.objectives.llm_pseudo_label import pseudo_label_confidence
-from nemo_ctcllm.objectives.shared.hypotheses import hypotheses
+from nemo_ctcllm.objectives.shared.hypotheses import clean_log_probs, hypotheses
 
 
 def test_gradient_reaches_encoder_not_llm(tokenizer_dir, tiny_llm, llm_process_group):
     assert_gradient_reaches_encoder_not_llm(tokenizer_dir, tiny_llm, "pseudo_label")
+
+
+@pytest.mark.parametrize("ranker,source", [("llm", "clean"), ("acoustic", "train")])
+def test_gradient_matches_finite_differences(tokenizer_dir, tiny_llm, ranker, source, llm_process_group):
+    """d loss / d the training pass's final-head logits [B, T, V+1] against central differences along 3 random
+    directions and the gradient's own, for both rankers and both passes the N-best can come from (the clean pass
+    is a no-grad constant, computed once; with ``source: train`` the N-best is re-searched in every evaluation, on
+    the perturbed posteriors, and the step leaves it unchanged). Loss ``both`` with a margin of 50 nats, so every
+    hinge is active (the loss is smooth): the gradient reaches the posteriors through a_best (CTC and hinge) and
+    through the other hypotheses' a_n (hinge). Float64 posteriors; ``sequence_log_probs`` computes the CTC
+    scores in float32 (the loss is about 60), so the step (0.1) and the tolerances are sized for that. Nothing
+    random: a fresh ``ctx.cache`` per evaluation (the N-best is cached per step). The leaf is the head's logits,
+    before its log_softmax: torch's CTC backward returns the gradient through log_softmax (exp(lp) - occupancy),
+    which is d/d log-probs only along directions that keep them normalised.
+
+    Catches a ``.detach()`` on a_best (``a.gather``) or on the others' a_n in the hinge (``a_best - a``)."""
+    block = {"nbest": 4, "loss": "both", "margin": 50.0, "ranker": ranker, "source": source}
+    model = make(tokenizer_dir, tiny_llm, llm_pseudo_label=block)
+    model.train()
+    term = model.objectives["llm_pseudo_label"]
+    ctx, _ = steered(model, texts=LLM_CORPUS[:3])
+    logits = ctx.log_probs.detach().double().requires_grad_(True)  # [B, T, V+1]
+    cache = {"clean_log_probs": clean_log_probs(ctx)} if source == "clean" else {}
+
+    def loss_fn():
+        return term(dataclasses.replace(ctx, log_probs=logits.log_softmax(-1), cache=dict(cache)))[0]
+
+    assert_gradient_matches_finite_differences(loss_fn, {"logits": logits}, eps=0.1, atol=2e-4, rtol=2e-2)
 
 
 def test_pseudo_label_losses(tokenizer_dir, tiny_llm, llm_process_group):

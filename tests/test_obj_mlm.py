@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import LLM_CORPUS, REPO, encoder_gradient, overfit, tiny_model_cfg
+from gradcheck import assert_gradient_matches_finite_differences, peaked_context
 from obj_tp_worker import asr_batch
 
 from nemo_ctcllm.data.small_lm import PIECE_OFFSET, bert_mlm, read_sentences, train_byte_level_bpe
@@ -107,6 +108,31 @@ def test_gradient_reaches_encoder_never_the_frozen_mlm(tokenizer_dir, tiny_bert,
     mlm, _ = term.masked_lm("cpu")
     assert all(p.grad is None and not p.requires_grad for p in mlm.parameters()) and not mlm.training
     assert list(term.parameters()) == [] and term.state_dict() == {}  # frozen MLM: not in the module tree
+
+
+def test_gradient_matches_finite_differences(tokenizer_dir, tiny_bert):
+    """d loss / d CTC log-probs [B, T, V+1] against central differences along 3 random directions and the
+    gradient's own. The loss reaches the posteriors by two paths: the pooled q of each masked position (the KL's
+    first argument) and the soft embeddings of the unmasked positions, which the MLM reads to predict them.
+
+    Float64 posteriors, bridge and (frozen, eval-mode: no dropout) MLM; the objective casts the MLM's scores to
+    float32, so the step (3e-2) and the tolerances are sized for float32 rounding. The mask is drawn from the
+    global RNG: re-seeded before every evaluation.
+
+    Catches a ``.detach()`` on ``soft.q`` (the KL's q) in ``mlm_soft_label_loss``. It does NOT catch one on
+    ``soft.embeds`` (the MLM's input): the tiny random MLM barely reads its input, so that path's share of the
+    gradient is below the float32 tolerance (checked by hand: the test passes with that cut)."""
+    model = make(tokenizer_dir, tiny_bert)
+    model.train()
+    term = model.objectives["mlm"]
+    term.masked_lm("cpu")[0].double()  # the frozen MLM, loaded on first use and kept
+    ctx, log_probs = peaked_context(model)
+
+    def loss_fn():
+        torch.manual_seed(0)  # the same mask
+        return term(ctx)[0]
+
+    assert_gradient_matches_finite_differences(loss_fn, {"log_probs": log_probs}, eps=3e-2, atol=1e-4, rtol=1e-2)
 
 
 def test_finetune_trains_the_mlm_and_export_drops_it(tokenizer_dir, tiny_bert, tmp_path):

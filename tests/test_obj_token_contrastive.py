@@ -1,9 +1,12 @@
 """token_contrastive (SimCLR / BYOL on frame-level encoder representations): gradients, the BYOL target,
 overfitting one batch, padding invariance, export and config errors."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import encoder_gradient, overfit, tiny_model_cfg
+from gradcheck import assert_gradient_matches_finite_differences
 from nemo.collections.asr.models import EncDecCTCModelBPE
 from nemo.core.classes.mixins import AccessMixin
 from omegaconf import OmegaConf
@@ -304,3 +307,54 @@ def test_no_pass_changes_the_batch(tokenizer_dir, mode):
     signal = batch[0].clone()
     model.training_step(batch, 0)["loss"].backward()
     assert torch.equal(batch[0], signal)
+
+
+class FixedEncoder(torch.nn.Module):
+    """Stands in for an encoder in an objective's extra pass: returns ``out`` [B, D, T] whatever the features."""
+
+    def __init__(self, out: torch.Tensor, lengths: torch.Tensor):
+        super().__init__()
+        self.out, self.lengths = out, lengths
+
+    def forward(self, audio_signal, length):
+        return self.out, self.lengths
+
+
+@pytest.mark.parametrize("block", [SIMCLR, BYOL], ids=["simclr", "byol"])
+def test_gradient_matches_finite_differences_per_view(tokenizer_dir, block):
+    """d loss / d view A (``ctx.encoded``) and d loss / d view B (the online encoder's output on view B's
+    input), each alone, against central differences in float64.
+
+    The extra encoder passes return fixed tensors (:class:`FixedEncoder`): view B's online pass a float64 leaf
+    the test perturbs, BYOL's EMA target (no gradient) a float32 constant. The objective's part of each path
+    is what is checked; the encoder's own backward is torch's, and full encoder passes take seconds each on
+    this shared CPU. The projector and predictor run in float64. Randomness: SimCLR's frames come from a
+    generator seeded by ``ctx.step``; the global RNG (view B's own SpecAugment masks, on) is re-seeded before
+    every evaluation.
+
+    Catches a ``.detach()`` on either view: on ``ctx.encoded`` or on ``enc_b`` in ``simclr`` / ``byol``, and on
+    the output of ``view_b``."""
+    model = make(tokenizer_dir, token_contrastive=block)
+    model.train()
+    term = model.objectives["token_contrastive"]
+    with torch.no_grad():
+        ctx = model.step_context(audio_batch(lengths=SHORT), compute_wer=False)
+    g = torch.Generator().manual_seed(0)
+    view_a = ctx.encoded.double().requires_grad_(True)  # [B, D, T]
+    noise = 0.3 * torch.randn(view_a.shape, dtype=torch.float64, generator=g)  # [B, D, T]
+    view_b = (view_a.detach() + noise).requires_grad_(True)  # [B, D, T]: a related second view
+    env = dataclasses.replace(ctx.env, encoder=FixedEncoder(view_b, ctx.encoded_len))
+    ctx = dataclasses.replace(ctx, env=env, encoded=view_a)
+    term.projector.double()
+    if block["mode"] == "byol":
+        target = (ctx.encoded.detach() - noise).float()  # [B, D, T]
+        term.target_encoder = FixedEncoder(target, ctx.encoded_len)
+        term.predictor.double()
+
+    def loss_fn():
+        torch.manual_seed(0)
+        return term(ctx)[0]
+
+    assert_gradient_matches_finite_differences(
+        loss_fn, {"view A": view_a, "view B": view_b}, eps=1e-6, atol=1e-8, rtol=1e-5
+    )
