@@ -167,7 +167,8 @@ def main(argv=None):
     print(text)
     if args.json:
         result = {
-            "command": "python -m benchmarks.grad_shares " + " ".join(map(portable, sys.argv[1:] if argv is None else argv)),
+            "command": "python -m benchmarks.grad_shares "
+            + " ".join(map(portable, sys.argv[1:] if argv is None else argv)),
             "config": args.config_name,
             "terms": args.terms,
             "overrides": overrides + args.override,
