@@ -8,7 +8,7 @@ import os
 import pytest
 
 from benchmarks.evidence import run
-from benchmarks.evidence.report import load_results
+from benchmarks.evidence.report import load_results, objective_table, tune_table
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_weight_tuning_runs_change_only_the_objectives_weight_and_stay_out_of_th
     tuning = {**row, "arm": "mlm", "overrides": tuned.overrides, "metrics": {"dev": {"wer": 0.44}}}
     (tmp_path / "results" / "tune" / "mlm_w1_s0.json").write_text(json.dumps(tuning))
     kept = {**row, "arm": "mlm", "overrides": mlm.overrides}
-    table = run.tune_table(str(tmp_path / "results"), {"mlm": {0: kept}}, None)
+    table = tune_table(str(tmp_path / "results"), {"mlm": {0: kept}}, None)
     assert "| mlm | 0.0003 | 0.1 | 0 | 45.00 | yes |" in table and "| mlm | 0.0003 | 1 | 0 | 44.00 |  |" in table
     # no weight to tune, or a tuning run sent to test: a clear error, nothing run
     for argv in (["arm", "--arms", "control", "--weight", "1"], ["test", "--arms", "mlm", "--weight", "1"]):
@@ -192,11 +192,11 @@ def test_the_objective_table_gives_each_arms_own_term_and_its_change_with_an_int
     curves = {0: [[66, -0.30], [199, -0.35]], 1: [[66, -0.20], [199, -0.21]], 2: [[66, -0.40], [199, -0.42]]}
     runs = {s: {"overrides": arm.overrides, "objective_curve": c} for s, c in curves.items()}
     runs[3] = {"overrides": arm.overrides}  # a run made before the curve was recorded: left out, not zero
-    table = run.objective_table({"llm_rescoring": runs, "control": {0: {"overrides": [], "objective_curve": None}}})
+    table = objective_table({"llm_rescoring": runs, "control": {0: {"overrides": [], "objective_curve": None}}})
     (row,) = [line for line in table.splitlines() if line.startswith("| llm_rescoring |")]
     # changes -0.05, -0.01, -0.02: mean -0.0267, sd 0.0208, t(0.975, 2) = 4.303, half-width 0.0517
     assert "| `val/llm_rescoring` | 3 | -0.300 (step 66) | -0.327 (step 199) | -0.027 [-0.078, +0.025] |" in row
-    assert "| control |" not in table and run.objective_table({"control": {0: {"overrides": []}}}) == ""
+    assert "| control |" not in table and objective_table({"control": {0: {"overrides": []}}}) == ""
     # the online pseudo-label term is 0 on dev (it acts on unlabelled audio): no row, not a "change" of 0
     self_train = {0: {"overrides": run.ARMS["self_train"].overrides, "objective_curve": [[56, 0.0], [169, 0.0]]}}
-    assert run.objective_table({"self_train": self_train}) == ""
+    assert objective_table({"self_train": self_train}) == ""
